@@ -1,0 +1,40 @@
+"""fastworker: a Redis Streams worker fleet that consumes at peak load without losing a message."""
+
+from fastworker.app import App, Handler, load_app
+from fastworker.config import Settings, load_settings
+from fastworker.errors import (
+    AppImportError,
+    ConfigError,
+    ExitCode,
+    FastworkerError,
+    RedisAuthError,
+    RedisUnavailable,
+    Reject,
+    Retry,
+)
+from fastworker.message import Message
+from fastworker.server import EmbeddedServer
+from fastworker.worker import Worker, run
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "App",
+    "AppImportError",
+    "ConfigError",
+    "EmbeddedServer",
+    "ExitCode",
+    "FastworkerError",
+    "Handler",
+    "Message",
+    "RedisAuthError",
+    "RedisUnavailable",
+    "Reject",
+    "Retry",
+    "Settings",
+    "Worker",
+    "__version__",
+    "load_app",
+    "load_settings",
+    "run",
+]

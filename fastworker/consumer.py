@@ -1,0 +1,166 @@
+"""One consumer name's loop in one group: read -> decode -> dispatch -> settle, until stopped.
+
+Invariants:
+- An entry is acknowledged only in the settlement of the batch that handled it, never before its handler ran.
+- The consumer first re-reads its own pending entries (history, ID 0) until none are left, then reads new ones
+  (`>`). It goes back to history after every reconnect, so a settlement lost with a connection is recovered at once
+  instead of after claim_idle_ms. A settlement whose fate is unknown is never re-sent: if it was applied, sending
+  it again would duplicate its results; if it was not, its entries are still pending and are handled again.
+- Redis errors are caught here, in one place: back off with jitter, log once per outage, carry on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+
+from fastworker.app import Handler
+from fastworker.config import Settings
+from fastworker.dispatch import Dispatcher
+from fastworker.errors import FastworkerError, NoGroupError
+from fastworker.message import Message, RawEntry, decode_entries
+from fastworker.policy import backoff_s
+from fastworker.stats import Stats
+from fastworker.streams import Channel, Settlement, Streams
+
+logger = logging.getLogger(__name__)
+
+NEW = ">"
+
+
+class Outage:
+    """Logs the first error of an outage and the recovery, not every retry in between; paces the retries."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.attempt = 0
+        self.since = 0.0
+
+    async def failed(self, error: FastworkerError, stopping: asyncio.Event | None = None) -> None:
+        if self.attempt == 0:
+            self.since = time.monotonic()
+            logger.warning("%s: %s; retrying with backoff", self.what, error)
+        delay = backoff_s(self.attempt)
+        self.attempt += 1
+        if stopping is None:
+            await asyncio.sleep(delay)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), delay)
+
+    def recovered(self) -> None:
+        if self.attempt:
+            logger.warning("%s: recovered after %.1f s", self.what, time.monotonic() - self.since)
+            self.attempt = 0
+
+
+class Consumer:
+    """Reads one group's streams as one consumer name and settles what its handlers decided."""
+
+    def __init__(self, streams: Streams, dispatcher: Dispatcher, settings: Settings, group: str,
+                 handlers: Mapping[str, Handler], name: str, stats: Stats) -> None:
+        self.streams = streams
+        self.dispatcher = dispatcher
+        self.settings = settings
+        self.group = group
+        self.handlers = handlers
+        self.name = name
+        self.stats = stats
+        self.channel: Channel = streams.channel()
+        self.stopping = asyncio.Event()
+        self._reading = False
+        self._history: dict[str, str] | None = None  # last id seen per stream while re-reading own pending
+        self._outage = Outage(f"consumer {name} group={group}")
+
+    async def run(self) -> None:
+        settlement: Settlement | None = None
+        self._history = dict.fromkeys(self.handlers, "0")
+        try:
+            while not self.stopping.is_set():
+                settlement = await self._step(settlement)
+            if settlement is not None:
+                await self.channel.settle(settlement)
+        except FastworkerError as exc:
+            logger.warning("consumer %s group=%s could not settle its last batch (%s); "
+                           "its entries stay pending", self.name, self.group, exc)
+        finally:
+            await self.channel.aclose()
+
+    async def stop(self) -> None:
+        """Stop reading: a blocked read returns at once; the batch in hand is handled and settled."""
+        self.stopping.set()
+        if self._reading:
+            await self.streams.unblock(self.channel.client_id)
+
+    async def _step(self, settlement: Settlement | None) -> Settlement | None:
+        """One turn: settle the last batch with the next read, then handle what came back."""
+        try:
+            batch = await self._read(settlement)
+        except NoGroupError as exc:
+            await self._recreate_groups(exc)
+            return None
+        except FastworkerError as exc:
+            self._history = dict.fromkeys(self.handlers, "0")  # re-read own pending once we are back
+            await self._outage.failed(exc, self.stopping)
+            return None
+        self._outage.recovered()
+        if not batch:
+            return None
+        new = await self.dispatcher.dispatch(self.group, self.handlers, batch)
+        self.stats.record(new, sum(map(len, batch.values())))
+        return new
+
+    async def _read(self, settlement: Settlement | None) -> dict[str, list[Message]]:
+        history = self._history
+        ids = history or dict.fromkeys(self.handlers, NEW)
+        block = None if history else self.settings.block_ms
+        self._reading = True
+        try:
+            reply = await self.channel.read(self.group, self.name, ids, self.settings.batch_size, block, settlement)
+        finally:
+            self._reading = False
+        if history is None:
+            return {stream: self._decode(stream, entries, 1) for stream, entries in reply.items()}
+        return await self._decode_history(history, reply)
+
+    async def _decode_history(self, history: dict[str, str], reply: dict[str, list[RawEntry]]
+                              ) -> dict[str, list[Message]]:
+        if not reply:
+            self._history = None  # own pending entries all seen: read new ones from now on
+            logger.debug("consumer %s group=%s: own pending entries recovered", self.name, self.group)
+            return {}
+        batch = {}
+        for stream, entries in reply.items():
+            first, last = _id(entries[0]), _id(entries[-1])
+            counts = await self.channel.deliveries(stream, self.group, self.name, first, last, len(entries))
+            history[stream] = last
+            batch[stream] = self._decode(stream, entries, counts)
+        return batch
+
+    def _decode(self, stream: str, entries: list[RawEntry], deliveries: int | dict[str, int]) -> list[Message]:
+        handler = self.handlers[stream]
+        return decode_entries(stream, entries, deliveries, handler.payload, handler.payload_field)
+
+    async def _recreate_groups(self, error: NoGroupError) -> None:
+        # The stream or group vanished (deleted, FLUSHALL, restart without persistence). Its PEL went with it,
+        # so there is nothing to settle: recreate and carry on, paced like any outage so it can never spin.
+        logger.warning("consumer %s group=%s: %s; recreating the group", self.name, self.group, error)
+        try:
+            created = await self.streams.ensure_groups(
+                ((stream, self.group) for stream in self.handlers), self.settings.group_start_id)
+        except FastworkerError as exc:
+            await self._outage.failed(exc, self.stopping)
+            return
+        if created:
+            logger.warning("recreated groups: %s", ", ".join(f"{s}/{g}" for s, g in created))
+        else:
+            await self._outage.failed(error, self.stopping)  # the group exists, the error persists: slow down
+        self._history = dict.fromkeys(self.handlers, "0")
+
+
+def _id(entry: RawEntry) -> str:
+    value = entry[0]
+    return value.decode() if isinstance(value, bytes) else str(value)

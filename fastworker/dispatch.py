@@ -1,0 +1,177 @@
+"""Dispatch: run a group's handlers over a decoded batch and turn what happened into a `Settlement`.
+
+Handling a message yields an outcome and never raises: the only broad `except` in the package is the one here
+around user code. Concurrency is bounded per process by a semaphore taken per lane (a lane works through the
+batch's messages one after another), not per message, so a batch of 1000 costs `concurrency` tasks, not 1000.
+Sync handlers run in a thread pool, one pool job per lane, so the event loop never waits on user code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from fastworker.app import Handler
+from fastworker.errors import Reject, Retry
+from fastworker.message import Message
+from fastworker.policy import Action, decide, exhausted
+from fastworker.streams import Settlement
+
+logger = logging.getLogger(__name__)
+
+Outcome = BaseException | None
+
+
+class HandlerTimeout(Exception):
+    """An async handler call ran longer than handler_timeout_s and was cancelled."""
+
+
+class Dispatcher:
+    """Runs handlers with bounded concurrency; one per worker process, shared by its consumers."""
+
+    def __init__(self, concurrency: int, handler_timeout_s: float, max_deliveries: int,
+                 dead_letter_suffix: str) -> None:
+        self.concurrency = concurrency
+        self.handler_timeout_s = handler_timeout_s
+        self.max_deliveries = max_deliveries
+        self.dead_letter_suffix = dead_letter_suffix
+        self._slots = asyncio.Semaphore(concurrency)
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def dispatch(self, group: str, handlers: Mapping[str, Handler],
+                       batch: Mapping[str, list[Message]]) -> Settlement:
+        """Handle every message of `batch` (per stream) and decide each one's fate."""
+        settlement = Settlement(group)
+        runs = [self._stream(handlers[stream], messages, settlement) for stream, messages in batch.items()]
+        if len(runs) == 1:
+            await runs[0]
+        else:
+            await asyncio.gather(*runs)
+        return settlement
+
+    async def _stream(self, handler: Handler, messages: list[Message], settlement: Settlement) -> None:
+        dead_stream = handler.stream + self.dead_letter_suffix
+        runnable = []
+        for message in messages:
+            if message.error is not None:
+                kind = "EntryDeleted" if not message.raw_fields else "DecodeError"
+                settlement.dead_letter(message, dead_stream, kind, message.error)
+                settlement.deleted += kind == "EntryDeleted"
+            elif exhausted(message.deliveries, self.max_deliveries):
+                settlement.dead_letter(message, dead_stream, "MaxDeliveriesExceeded",
+                                       f"delivered {message.deliveries} times without being settled")
+            else:
+                runnable.append(message)
+        if not runnable:
+            return
+        outcomes = await self._run(handler, runnable)
+        for message, outcome in zip(runnable, outcomes, strict=True):
+            if outcome is None:
+                settlement.ack(message)
+                continue
+            action = decide(outcome, message.deliveries, self.max_deliveries)
+            _log_failure(handler, message, outcome, action)
+            if action is Action.DEAD:
+                reason = outcome.reason if isinstance(outcome, Reject) else str(outcome)
+                settlement.dead_letter(message, dead_stream, type(outcome).__name__, reason)
+            else:
+                settlement.retried += 1
+
+    async def _run(self, handler: Handler, messages: list[Message]) -> list[Outcome]:
+        if handler.batch:
+            return await self._run_batch(handler, messages)
+        outcomes: list[Outcome] = [None] * len(messages)
+        pending = iter(enumerate(messages))
+        lane = self._async_lane if handler.is_async else self._sync_lane
+        lanes = min(self.concurrency, len(messages))
+        if lanes == 1:
+            await lane(handler.func, pending, outcomes)
+        else:
+            await asyncio.gather(*(lane(handler.func, pending, outcomes) for _ in range(lanes)))
+        return outcomes
+
+    async def _async_lane(self, func: Callable[[Message], Awaitable[Any]],
+                          pending: Any, outcomes: list[Outcome]) -> None:
+        async with self._slots:
+            for index, message in pending:
+                outcomes[index] = await self._call_async(func, message)
+
+    async def _call_async(self, func: Callable[[Message], Awaitable[Any]], message: Message) -> Outcome:
+        try:
+            async with asyncio.timeout(self.handler_timeout_s) as deadline:
+                await func(message)
+        except Exception as exc:  # user code: any failure is an outcome, never a crash
+            if isinstance(exc, TimeoutError) and deadline.expired():
+                return HandlerTimeout(f"handler ran longer than {self.handler_timeout_s:g} s")
+            return exc
+        return None
+
+    async def _sync_lane(self, func: Callable[[Message], Any], pending: Any, outcomes: list[Outcome]) -> None:
+        # Take this lane's share up front so one pool job handles many messages without an await per message.
+        chunk = list(pending_share(pending, len(outcomes), self.concurrency))
+        if not chunk:
+            return
+        async with self._slots:
+            results = await asyncio.get_running_loop().run_in_executor(self._pool(), _call_sync_each, func, chunk)
+        for (index, _), outcome in zip(chunk, results, strict=True):
+            outcomes[index] = outcome
+
+    async def _run_batch(self, handler: Handler, messages: list[Message]) -> list[Outcome]:
+        """A batch handler gets every message at once. Raising fails all of them; returning a mapping of entry
+        id to exception fails just those."""
+        async with self._slots:
+            try:
+                if handler.is_async:
+                    async with asyncio.timeout(self.handler_timeout_s):
+                        result = await handler.func(messages)
+                else:
+                    result = await asyncio.get_running_loop().run_in_executor(self._pool(), handler.func, messages)
+            except Exception as exc:  # user code
+                return [exc] * len(messages)
+        if isinstance(result, Mapping):
+            return [result.get(message.id) for message in messages]
+        return [None] * len(messages)
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="fastworker-handler")
+        return self._executor
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+
+def pending_share(pending: Any, total: int, lanes: int) -> Any:
+    """The next ceil(total / lanes) items of a shared iterator: an even split without materialising the rest."""
+    share = -(-total // max(1, min(lanes, total)))
+    for _ in range(share):
+        item = next(pending, None)
+        if item is None:
+            return
+        yield item
+
+
+def _call_sync_each(func: Callable[[Message], Any], chunk: list[tuple[int, Message]]) -> list[Outcome]:
+    outcomes: list[Outcome] = []
+    for _, message in chunk:
+        try:
+            func(message)
+        except Exception as exc:  # user code, in a pool thread
+            outcomes.append(exc)
+        else:
+            outcomes.append(None)
+    return outcomes
+
+
+def _log_failure(handler: Handler, message: Message, error: BaseException, action: Action) -> None:
+    # Failures are rare by design; successes are never logged per message.
+    level = logging.INFO if isinstance(error, Retry) else logging.WARNING
+    logger.log(level, "handler failed handler=%s stream=%s id=%s deliveries=%d action=%s error=%s: %s",
+               handler.name, message.stream, message.id, message.deliveries, action.value,
+               type(error).__name__, error, exc_info=level >= logging.WARNING and not isinstance(error, Reject)
+               and logger.isEnabledFor(logging.DEBUG))

@@ -1,0 +1,88 @@
+"""Errors and signals of fastworker, and the process exit codes they map to.
+
+Every exception fastworker raises derives from `FastworkerError`. Redis client errors are translated into these
+at the I/O edge (`streams.py`), so no other module needs to know redis-py's exception classes. `Reject` and
+`Retry` are signals a handler raises to choose a message's fate explicitly.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Process exit codes: distinct so that scripts and supervisors can tell failures apart."""
+
+    OK = 0
+    FAILURE = 1
+    USAGE = 2  # bad command line (argparse uses 2 as well)
+    CONFIG = 3
+    APP_IMPORT = 4
+    REDIS_UNREACHABLE = 5
+    REDIS_AUTH = 6
+    CRASH_LOOP = 7
+    UNHEALTHY = 8
+    INTERRUPTED = 130  # second signal: left at once, the PEL keeps the rest
+
+
+class FastworkerError(Exception):
+    """Root of every error fastworker raises."""
+
+    exit_code = ExitCode.FAILURE
+
+
+class ConfigError(FastworkerError):
+    """A setting is missing, malformed, or combined with another in a hazardous way."""
+
+    exit_code = ExitCode.CONFIG
+
+
+class AppImportError(FastworkerError):
+    """The `module:attr` app reference could not be imported or is not an App."""
+
+    exit_code = ExitCode.APP_IMPORT
+
+
+class RedisUnavailable(FastworkerError):
+    """The server cannot be reached (refused, timed out, connection lost)."""
+
+    exit_code = ExitCode.REDIS_UNREACHABLE
+
+
+class RedisAuthError(FastworkerError):
+    """The server refused our credentials (wrong password, unknown ACL user, missing permission)."""
+
+    exit_code = ExitCode.REDIS_AUTH
+
+
+class RedisCommandError(FastworkerError):
+    """The server answered a command with an error that is not one of the cases handled above."""
+
+
+class NoGroupError(RedisCommandError):
+    """The stream or its consumer group does not exist (deleted, flushed, or a restart without data)."""
+
+
+class Reject(FastworkerError):
+    """Raised by a handler: the message can never succeed, dead-letter it now without retrying."""
+
+    def __init__(self, reason: str = "rejected by handler") -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Retry(FastworkerError):
+    """Raised by a handler: leave the message pending so that it is retried after the claim idle time.
+
+    Any other exception has the same effect; `Retry` only marks it as expected (logged at INFO, not ERROR).
+    """
+
+    def __init__(self, reason: str = "retry requested by handler") -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class CrashLoop(FastworkerError):
+    """Worker processes keep dying: leave it to systemd or Kubernetes to decide what comes next."""
+
+    exit_code = ExitCode.CRASH_LOOP

@@ -1,0 +1,291 @@
+"""The only module that talks to Redis: connections, groups, reads, claims and the settle step.
+
+Invariants kept here:
+- A batch costs one round trip: the settle commands of the previous batch (XACK, result XADDs, dead letters) travel
+  in the same write as the next XREADGROUP, and the replies are read in order, so the connection never falls out
+  of step even when one command fails.
+- A settlement that publishes anything (results or dead letters) runs inside MULTI/EXEC with its acks, so an
+  entry is never acknowledged without its results or dead letter, nor the other way round.
+- redis-py's errors are translated into fastworker's here and nowhere else. After any I/O error a channel drops
+  its connection; the caller decides when to reconnect.
+- Replies stay in the raw shape hiredis produces: redis-py's per-entry conversion is skipped on the hot path.
+
+Cluster support belongs here too: a settlement would be grouped per hash slot (one MULTI per slot) and a read per
+slot, without the consumer loop changing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions as rex
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from fastworker.config import Settings, redact_url
+from fastworker.errors import (
+    FastworkerError,
+    NoGroupError,
+    RedisAuthError,
+    RedisCommandError,
+    RedisUnavailable,
+)
+from fastworker.message import FieldValue, Message, RawEntry
+
+logger = logging.getLogger(__name__)
+
+Command = tuple[FieldValue, ...]
+DEAD_FIELD_PREFIX = "fw:"
+
+
+def translate(exc: BaseException, url: str = "") -> FastworkerError:
+    """The fastworker error for a redis-py (or socket) error."""
+    where = f" ({redact_url(url)})" if url else ""
+    if isinstance(exc, FastworkerError):
+        return exc
+    if isinstance(exc, rex.AuthenticationError | rex.AuthorizationError | rex.NoPermissionError):
+        return RedisAuthError(f"the server refused our credentials{where}: {exc}")
+    if isinstance(exc, rex.ResponseError) and str(exc).startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
+        return RedisAuthError(f"the server refused our credentials{where}: {exc}")
+    if isinstance(exc, rex.BusyLoadingError | rex.ConnectionError | rex.TimeoutError | OSError):
+        return RedisUnavailable(f"cannot reach the server{where}: {exc}")
+    if isinstance(exc, rex.ResponseError) and str(exc).startswith("NOGROUP"):
+        return NoGroupError(str(exc))
+    return RedisCommandError(f"{type(exc).__name__}: {exc}")
+
+
+@contextmanager
+def translated(url: str = "") -> Iterator[None]:
+    try:
+        yield
+    except (rex.RedisError, OSError) as exc:
+        raise translate(exc, url) from exc
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class Settlement:
+    """What one batch's handling decided, to be written in one step: acks, results, dead letters."""
+
+    __slots__ = ("acks", "dead", "deleted", "done", "group", "outputs", "retried")
+
+    def __init__(self, group: str) -> None:
+        self.group = group
+        self.done = False  # written and confirmed by the server
+        self.acks: dict[str, list[str]] = {}
+        self.outputs: list[tuple[str, list[FieldValue]]] = []
+        self.dead: list[tuple[str, list[FieldValue]]] = []
+        self.retried = 0
+        self.deleted = 0
+
+    def ack(self, message: Message) -> None:
+        self.acks.setdefault(message.stream, []).append(message.id)
+        if message.outputs:
+            self.outputs += message.outputs
+
+    def ack_ids(self, stream: str, ids: Iterable[str]) -> None:
+        self.acks.setdefault(stream, []).extend(ids)
+
+    def dead_letter(self, message: Message, dead_stream: str, error_class: str, error: str) -> None:
+        """Move `message` to `dead_stream`: its original fields plus where it came from and why it died."""
+        fields: list[FieldValue] = list(message.raw_fields)
+        fields += [
+            "fw:stream", message.stream, "fw:group", self.group, "fw:id", message.id,
+            "fw:deliveries", message.deliveries, "fw:error_class", error_class, "fw:error", error[:4096],
+            "fw:dead_at_ms", int(time.time() * 1000),
+        ]
+        self.dead.append((dead_stream, fields))
+        self.acks.setdefault(message.stream, []).append(message.id)
+
+    @property
+    def acked(self) -> int:
+        return sum(map(len, self.acks.values())) - len(self.dead)
+
+    def __bool__(self) -> bool:
+        return bool(self.acks)
+
+    def commands(self) -> list[Command]:
+        acks: list[Command] = [("XACK", stream, self.group, *ids) for stream, ids in self.acks.items() if ids]
+        if not self.outputs and not self.dead:
+            return acks
+        writes: list[Command] = [("XADD", stream, "*", *fields) for stream, fields in self.outputs + self.dead]
+        return [("MULTI",), *writes, *acks, ("EXEC",)]
+
+
+def _check_settled(replies: Sequence[Any], url: str) -> None:
+    """Raise if a settlement's replies hold an error: a failed XACK, EXECABORT, or an error inside EXEC."""
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise translate(reply, url)
+        if isinstance(reply, list):
+            for item in reply:
+                if isinstance(item, Exception):
+                    # The other commands of the transaction were applied: Redis has no rollback.
+                    logger.error("settle transaction partly failed: %s", item)
+                    raise translate(item, url)
+
+
+class Channel:
+    """One dedicated connection for one loop (a consumer or the reclaimer): reads, settles and claims."""
+
+    def __init__(self, pool: aioredis.ConnectionPool, url: str) -> None:
+        self._pool = pool
+        self._url = url
+        self._conn: Any = None
+        self.client_id: int | None = None
+
+    async def _connection(self) -> Any:
+        if self._conn is None:
+            self._conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+        if not self._conn.is_connected:
+            await self._conn.connect()
+            await self._conn.send_command("CLIENT", "ID")
+            self.client_id = int(await self._conn.read_response())
+        return self._conn
+
+    async def roundtrip(self, commands: Sequence[Command]) -> list[Any]:
+        """Send `commands` in one write and read every reply; the first server error is raised after all
+        replies are read (so the connection stays usable). I/O errors drop the connection."""
+        replies = await self._exchange(commands)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise translate(reply, self._url)
+        return replies
+
+    async def _exchange(self, commands: Sequence[Command]) -> list[Any]:
+        """Replies in order, server errors as values."""
+        try:
+            conn = await self._connection()
+            await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(await conn.read_response())
+                except rex.ResponseError as exc:
+                    replies.append(exc)
+            return replies
+        except (rex.RedisError, OSError) as exc:
+            await self.reset()
+            raise translate(exc, self._url) from exc
+
+    async def read(self, group: str, consumer: str, ids: dict[str, str], count: int, block_ms: int | None,
+                   settlement: Settlement | None = None) -> dict[str, list[RawEntry]]:
+        """Settle the previous batch (if any) and XREADGROUP the next one, in one round trip.
+
+        `ids` maps each stream to `>` (new entries) or the last id seen of this consumer's own pending history.
+        Returns the entries per stream; streams with nothing to read are absent.
+        """
+        settle = settlement.commands() if settlement else []
+        read: Command = ("XREADGROUP", "GROUP", group, consumer, "COUNT", count,
+                         *(("BLOCK", block_ms) if block_ms is not None else ()), "STREAMS", *ids, *ids.values())
+        replies = await self._exchange([*settle, read])
+        if settlement is not None:
+            _check_settled(replies[:-1], self._url)
+            settlement.done = True
+        if isinstance(replies[-1], Exception):
+            raise translate(replies[-1], self._url)
+        return _stream_entries(replies[-1])
+
+    async def settle(self, settlement: Settlement) -> None:
+        """Write a settlement on its own (the last batch before stopping, or a reclaimed batch)."""
+        if settlement and not settlement.done:
+            _check_settled(await self._exchange(settlement.commands()), self._url)
+            settlement.done = True
+
+    async def autoclaim(self, stream: str, group: str, consumer: str, min_idle_ms: int, cursor: str,
+                        count: int) -> tuple[str, list[RawEntry], list[str]]:
+        """One XAUTOCLAIM step: (next cursor, claimed entries, ids deleted while pending)."""
+        reply = (await self.roundtrip([("XAUTOCLAIM", stream, group, consumer, min_idle_ms, cursor,
+                                        "COUNT", count)]))[0]
+        deleted = [_text(i) for i in reply[2]] if len(reply) > 2 else []
+        return _text(reply[0]), reply[1], deleted
+
+    async def deliveries(self, stream: str, group: str, consumer: str, first_id: str, last_id: str,
+                         count: int) -> dict[str, int]:
+        """Delivery counts of `consumer`'s pending entries in [first_id, last_id] (XPENDING extended form)."""
+        reply = (await self.roundtrip([("XPENDING", stream, group, first_id, last_id, count, consumer)]))[0]
+        return {_text(row[0]): int(row[3]) for row in reply}
+
+    async def reset(self) -> None:
+        """Drop the connection (after an error, or to abandon a blocked read); the next call reconnects."""
+        if self._conn is not None:
+            await self._conn.disconnect(nowait=True)
+
+    async def aclose(self) -> None:
+        if self._conn is not None:
+            await self._conn.disconnect(nowait=True)
+            await self._pool.release(self._conn)
+            self._conn = None
+
+
+def _stream_entries(reply: Any) -> dict[str, list[RawEntry]]:
+    if not reply:
+        return {}
+    if isinstance(reply, dict):  # RESP3
+        return {_text(stream): entries for stream, entries in reply.items() if entries}
+    return {_text(stream): entries for stream, entries in reply if entries}  # RESP2
+
+
+class Streams:
+    """Connections to one server: an admin client for occasional commands and dedicated channels for loops."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.url = settings.redis_url
+        # Retries are ours (backoff with jitter in the loops): redis-py's own would hide an outage for ~15 s.
+        self.redis = aioredis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=settings.socket_timeout_s,
+            socket_connect_timeout=min(settings.socket_timeout_s, 5.0),
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+        )
+
+    def channel(self) -> Channel:
+        return Channel(self.redis.connection_pool, self.url)
+
+    async def ping(self) -> float:
+        """Round-trip time of a PING in seconds; raises RedisUnavailable or RedisAuthError."""
+        with translated(self.url):
+            started = time.perf_counter()
+            await self.redis.ping()
+            return time.perf_counter() - started
+
+    async def server_version(self) -> tuple[str, str]:
+        """(server name, version), e.g. ("valkey", "9.1.2")."""
+        with translated(self.url):
+            info = await self.redis.info("server")
+        if "valkey_version" in info:
+            return "valkey", str(info["valkey_version"])
+        return str(info.get("server_name") or "redis"), str(info.get("redis_version", "?"))
+
+    async def ensure_groups(self, pairs: Iterable[tuple[str, str]], start_id: str) -> list[tuple[str, str]]:
+        """Create every missing (stream, group), with its stream if needed; return those that were created."""
+        created = []
+        with translated(self.url):
+            for stream, group in pairs:
+                try:
+                    await self.redis.xgroup_create(stream, group, id=start_id, mkstream=True)
+                    created.append((stream, group))
+                except rex.ResponseError as exc:
+                    if not str(exc).startswith("BUSYGROUP"):
+                        raise
+        return created
+
+    async def unblock(self, client_id: int | None) -> None:
+        """Make a blocked XREADGROUP of another channel return now, as if its BLOCK had run out."""
+        if client_id is None:
+            return
+        try:
+            await self.redis.client_unblock(client_id)
+        except (rex.RedisError, OSError) as exc:  # best effort: the read also ends after block_ms
+            logger.debug("CLIENT UNBLOCK %s failed: %s", client_id, exc)
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
