@@ -1,0 +1,1 @@
+"""Subcommands of the `fastworker` command, one module each."""
