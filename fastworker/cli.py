@@ -31,7 +31,7 @@ CONNECTION_FIELDS = ("redis_url", "socket_timeout_s")
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line and exit code 2, without the usage dump."""
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> Any:
         self.exit(ExitCode.USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 

@@ -54,6 +54,8 @@ class Settings:
     consumers: int = _field(0, help="consumer names over all processes (0: one per process)")
     consumer_prefix: str = _field(help="consumer names are PREFIX-0 .. PREFIX-N (default: host name)",
                                   factory=socket.gethostname)
+    crash_loop_restarts: int = _field(5, help="worker process deaths within crash_loop_window_s that stop the fleet")
+    crash_loop_window_s: float = _field(60.0, help="window in which crash_loop_restarts deaths mean a crash loop")
     log_level: str = _field("INFO", help="DEBUG, INFO, WARNING or ERROR")
     log_format: str = _field("text", help="text or json (one object a line)")
 
@@ -80,10 +82,10 @@ def _problems(s: Settings) -> list[str]:
 def _range_problems(s: Settings) -> list[str]:
     problems = [f"{name} must be at least {low}, got {getattr(s, name)}" for name, low in (
         ("batch_size", 1), ("block_ms", 1), ("claim_idle_ms", 1), ("claim_interval_ms", 1),
-        ("max_deliveries", 1), ("concurrency", 1), ("processes", 1), ("consumers", 0),
+        ("max_deliveries", 1), ("concurrency", 1), ("processes", 1), ("consumers", 0), ("crash_loop_restarts", 1),
     ) if getattr(s, name) < low]
     return problems + [f"{name} must be positive, got {getattr(s, name)}" for name in (
-        "handler_timeout_s", "shutdown_grace_s", "socket_timeout_s") if not getattr(s, name) > 0]
+        "handler_timeout_s", "shutdown_grace_s", "socket_timeout_s", "crash_loop_window_s") if not getattr(s, name) > 0]
 
 
 def _hazards(s: Settings) -> list[str]:

@@ -110,7 +110,7 @@ class Consumer:
         if not batch:
             return None
         new = await self.dispatcher.dispatch(self.group, self.handlers, batch)
-        self.stats.record(new, sum(map(len, batch.values())))
+        self.stats.record(new, {stream: len(messages) for stream, messages in batch.items()})
         return new
 
     async def _read(self, settlement: Settlement | None) -> dict[str, list[Message]]:

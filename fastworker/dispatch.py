@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -59,7 +60,6 @@ class Dispatcher:
             if message.error is not None:
                 kind = "EntryDeleted" if not message.raw_fields else "DecodeError"
                 settlement.dead_letter(message, dead_stream, kind, message.error)
-                settlement.deleted += kind == "EntryDeleted"
             elif exhausted(message.deliveries, self.max_deliveries):
                 settlement.dead_letter(message, dead_stream, "MaxDeliveriesExceeded",
                                        f"delivered {message.deliveries} times without being settled")
@@ -67,7 +67,9 @@ class Dispatcher:
                 runnable.append(message)
         if not runnable:
             return
+        started = time.perf_counter()
         outcomes = await self._run(handler, runnable)
+        settlement.timings[handler.stream] = (time.perf_counter() - started, len(runnable))
         for message, outcome in zip(runnable, outcomes, strict=True):
             if outcome is None:
                 settlement.ack(message)
@@ -78,7 +80,7 @@ class Dispatcher:
                 reason = outcome.reason if isinstance(outcome, Reject) else str(outcome)
                 settlement.dead_letter(message, dead_stream, type(outcome).__name__, reason)
             else:
-                settlement.retried += 1
+                settlement.retry(message)
 
     async def _run(self, handler: Handler, messages: list[Message]) -> list[Outcome]:
         if handler.batch:

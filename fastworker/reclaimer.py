@@ -95,7 +95,6 @@ class Reclaimer:
             # current servers, the XACK covers older ones. Nothing is left to dead-letter but the fact.
             logger.warning("%d pending entries were deleted before being handled stream=%s group=%s ids=%s",
                            len(deleted), stream, group, ",".join(deleted[:10]))
-            settlement.ack_ids(stream, deleted)
-            settlement.deleted += len(deleted)
+            settlement.deleted(stream, deleted)
         await self.channel.settle(settlement)
-        self.stats.record(settlement, len(entries), claimed=len(entries))
+        self.stats.record(settlement, {stream: len(entries)}, claimed=True)

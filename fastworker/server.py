@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -56,8 +57,10 @@ def free_port() -> int:
 _LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here: the child must not dlopen between fork and exec
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+def die_with_parent(signum: int = signal.SIGKILL) -> None:
+    """Ask the kernel to send `signum` to this process when its parent dies (Linux; a no-op elsewhere)."""
+    if sys.platform == "linux":
+        _LIBC.prctl(PR_SET_PDEATHSIG, signum)
 
 
 class EmbeddedServer:
@@ -98,7 +101,7 @@ class EmbeddedServer:
         try:
             self.process = subprocess.Popen(self._argv(), cwd=self.data_dir, stdin=subprocess.DEVNULL,
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                            preexec_fn=_die_with_parent)  # noqa: PLW1509 - only prctl()
+                                            preexec_fn=die_with_parent)  # noqa: PLW1509 - only prctl()
         except OSError as exc:
             raise ServerError(f"cannot start {self.binary}: {exc}") from exc
         self._wait_ready(timeout_s)

@@ -1,37 +1,88 @@
-"""Per-process counters, moved once per batch (never per message) so that counting costs nothing measurable.
+"""Per-process counters and histograms, moved once per batch (never per message) so that counting costs nothing
+measurable on the hot path.
 
-Keys are (group, counter name); the fleet's metrics endpoint aggregates them over worker processes.
+Counters are keyed by (stream, group, outcome). Handler duration is observed once per stream batch as the mean
+per message over that batch; batch sizes once per batch. Snapshots are plain dicts, so a worker process can send
+them to the supervisor, which adds them up for /metrics.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+import bisect
+from typing import Any
 
 from fastworker.streams import Settlement
 
-COUNTERS = ("received", "acked", "retried", "dead", "deleted", "claimed", "batches")
+OUTCOMES = ("received", "acked", "retried", "dead", "deleted", "claimed")
+DURATION_BUCKETS_S = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000)
+
+
+class Histogram:
+    """Cumulative-bucket histogram as Prometheus wants it: counts per upper bound, plus sum and count."""
+
+    __slots__ = ("bounds", "buckets", "count", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.buckets = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value: float, times: int = 1) -> None:
+        self.buckets[bisect.bisect_left(self.bounds, value)] += times
+        self.total += value * times
+        self.count += times
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"buckets": list(self.buckets), "sum": self.total, "count": self.count}
 
 
 class Stats:
     def __init__(self) -> None:
-        self.counts: Counter[tuple[str, str]] = Counter()
+        self.counts: dict[tuple[str, str, str], int] = {}
+        self.durations: dict[tuple[str, str], Histogram] = {}
+        self.batch_sizes: dict[str, Histogram] = {}
+        self.batches = 0
 
-    def record(self, settlement: Settlement, received: int, claimed: int = 0) -> None:
+    def _add(self, stream: str, group: str, outcome: str, value: int) -> None:
+        if value:
+            key = (stream, group, outcome)
+            self.counts[key] = self.counts.get(key, 0) + value
+
+    def record(self, settlement: Settlement, received: dict[str, int], claimed: bool = False) -> None:
+        """Count one settled batch: `received` holds the number of entries read per stream."""
         group = settlement.group
-        counts = self.counts
-        counts[group, "received"] += received
-        counts[group, "acked"] += settlement.acked
-        counts[group, "retried"] += settlement.retried
-        counts[group, "dead"] += len(settlement.dead)
-        counts[group, "deleted"] += settlement.deleted
-        counts[group, "claimed"] += claimed
-        counts[group, "batches"] += 1
+        self.batches += 1
+        size = sum(received.values())
+        if group not in self.batch_sizes:
+            self.batch_sizes[group] = Histogram(BATCH_BUCKETS)
+        self.batch_sizes[group].observe(size)
+        for stream, count in received.items():
+            self._add(stream, group, "received", count)
+            if claimed:
+                self._add(stream, group, "claimed", count)
+        for stream, ids in settlement.acks.items():
+            self._add(stream, group, "acked", len(ids) - settlement.dead_by_stream.get(stream, 0))
+        for stream, count in settlement.dead_by_stream.items():
+            self._add(stream, group, "dead", count)
+        for stream, count in settlement.retried_by_stream.items():
+            self._add(stream, group, "retried", count)
+        for stream, count in settlement.deleted_by_stream.items():
+            self._add(stream, group, "deleted", count)
+        for stream, (elapsed, calls) in settlement.timings.items():
+            key = (stream, group)
+            if key not in self.durations:
+                self.durations[key] = Histogram(DURATION_BUCKETS_S)
+            self.durations[key].observe(elapsed / calls, calls)
 
-    def total(self, name: str) -> int:
-        return sum(value for (_, counter), value in self.counts.items() if counter == name)
+    def total(self, outcome: str) -> int:
+        return sum(value for (_, _, name), value in self.counts.items() if name == outcome)
 
-    def snapshot(self) -> dict[str, dict[str, int]]:
-        by_group: dict[str, dict[str, int]] = {}
-        for (group, counter), value in self.counts.items():
-            by_group.setdefault(group, dict.fromkeys(COUNTERS, 0))[counter] = value
-        return by_group
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "counts": [[*key, value] for key, value in self.counts.items()],
+            "durations": [[*key, h.snapshot()] for key, h in self.durations.items()],
+            "batch_sizes": [[group, h.snapshot()] for group, h in self.batch_sizes.items()],
+            "batches": self.batches,
+        }

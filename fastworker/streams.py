@@ -74,7 +74,8 @@ def _text(value: bytes | str) -> str:
 class Settlement:
     """What one batch's handling decided, to be written in one step: acks, results, dead letters."""
 
-    __slots__ = ("acks", "dead", "deleted", "done", "group", "outputs", "retried")
+    __slots__ = ("acks", "dead", "dead_by_stream", "deleted_by_stream", "done", "group", "outputs",
+                 "retried_by_stream", "timings")
 
     def __init__(self, group: str) -> None:
         self.group = group
@@ -82,8 +83,11 @@ class Settlement:
         self.acks: dict[str, list[str]] = {}
         self.outputs: list[tuple[str, list[FieldValue]]] = []
         self.dead: list[tuple[str, list[FieldValue]]] = []
-        self.retried = 0
-        self.deleted = 0
+        # Failures are rare, so they are counted as they happen; successes are counted from `acks` per batch.
+        self.dead_by_stream: dict[str, int] = {}
+        self.retried_by_stream: dict[str, int] = {}
+        self.deleted_by_stream: dict[str, int] = {}
+        self.timings: dict[str, tuple[float, int]] = {}  # stream -> (seconds in handlers, handler calls)
 
     def ack(self, message: Message) -> None:
         self.acks.setdefault(message.stream, []).append(message.id)
@@ -103,10 +107,24 @@ class Settlement:
         ]
         self.dead.append((dead_stream, fields))
         self.acks.setdefault(message.stream, []).append(message.id)
+        _bump(self.dead_by_stream, message.stream)
+
+    def retry(self, message: Message) -> None:
+        """Leave `message` pending: the reclaimer hands it out again after claim_idle_ms."""
+        _bump(self.retried_by_stream, message.stream)
+
+    def deleted(self, stream: str, ids: list[str]) -> None:
+        """Entries deleted while pending (XAUTOCLAIM said so): acknowledge and count them."""
+        self.ack_ids(stream, ids)
+        self.deleted_by_stream[stream] = self.deleted_by_stream.get(stream, 0) + len(ids)
 
     @property
     def acked(self) -> int:
         return sum(map(len, self.acks.values())) - len(self.dead)
+
+    @property
+    def retried(self) -> int:
+        return sum(self.retried_by_stream.values())
 
     def __bool__(self) -> bool:
         return bool(self.acks)
@@ -117,6 +135,10 @@ class Settlement:
             return acks
         writes: list[Command] = [("XADD", stream, "*", *fields) for stream, fields in self.outputs + self.dead]
         return [("MULTI",), *writes, *acks, ("EXEC",)]
+
+
+def _bump(counts: dict[str, int], key: str) -> None:
+    counts[key] = counts.get(key, 0) + 1
 
 
 def _check_settled(replies: Sequence[Any], url: str) -> None:
@@ -145,7 +167,9 @@ class Channel:
         if self._conn is None:
             self._conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
         if not self._conn.is_connected:
+            self.client_id = None
             await self._conn.connect()
+        if self.client_id is None:  # needed to CLIENT UNBLOCK this connection's blocking reads on stop
             await self._conn.send_command("CLIENT", "ID")
             self.client_id = int(await self._conn.read_response())
         return self._conn
@@ -215,6 +239,7 @@ class Channel:
 
     async def reset(self) -> None:
         """Drop the connection (after an error, or to abandon a blocked read); the next call reconnects."""
+        self.client_id = None
         if self._conn is not None:
             await self._conn.disconnect(nowait=True)
 

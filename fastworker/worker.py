@@ -18,9 +18,9 @@ import uvloop
 
 from fastworker.app import App, Hook
 from fastworker.config import Settings
-from fastworker.consumer import Consumer
+from fastworker.consumer import Consumer, Outage
 from fastworker.dispatch import Dispatcher
-from fastworker.errors import ExitCode
+from fastworker.errors import ExitCode, RedisAuthError, RedisUnavailable
 from fastworker.reclaimer import Reclaimer
 from fastworker.stats import Stats
 from fastworker.streams import Streams
@@ -41,13 +41,27 @@ class Worker:
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
 
-    async def run(self) -> None:
-        """Connect, create missing groups, run until `stop()`, then drain."""
+    async def run(self, wait_for_server: bool = False) -> None:
+        """Connect, create missing groups, run until `stop()`, then drain.
+
+        Start-up errors propagate unless `wait_for_server`, in which case start-up is retried with backoff until
+        it succeeds or the worker is stopped (a restarted worker process rides out an outage like a running one).
+        """
         streams = Streams(self.settings)
         dispatcher = Dispatcher(self.settings.concurrency, self.settings.handler_timeout_s,
                                 self.settings.max_deliveries, self.settings.dead_letter_suffix)
+        outage = Outage("worker start-up")
         try:
-            await self._start(streams, dispatcher)
+            while True:
+                try:
+                    await self._start(streams, dispatcher)
+                    break
+                except (RedisUnavailable, RedisAuthError) as exc:
+                    if not wait_for_server:
+                        raise
+                    await outage.failed(exc, self._stop)
+                    if self._stop.is_set():
+                        return
             await self._stop.wait()
             await self._drain()
             await _run_hooks(self.app.shutdown_hooks)

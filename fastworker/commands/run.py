@@ -9,6 +9,7 @@ from fastworker import config
 from fastworker.app import load_app
 from fastworker.cli import add_settings_flags, settings_from_args
 from fastworker.errors import ExitCode
+from fastworker.supervisor import Supervisor
 
 
 def register(sub: Any) -> None:
@@ -34,6 +35,4 @@ def run(args: argparse.Namespace) -> int:
         print_config(settings, sources)
         return ExitCode.OK
     app = load_app(args.app)
-    from fastworker.supervisor import Supervisor
-
     return Supervisor(args.app, app, settings).run()
