@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import orjson
 import redis.asyncio as aioredis
 
-from fastworker import App, EmbeddedServer, Message
+from fastworker import App, EmbeddedServer, Message, Reject
 from tests.conftest import JOB, RunningWorker, make_settings, pending_count, publish, wait_for
 
 
@@ -31,3 +34,209 @@ async def test_engine_handles_every_entry_and_publishes_results(server: Embedded
 
 async def _length_is(rc: aioredis.Redis, stream: str, n: int) -> bool:
     return int(await rc.xlen(stream)) >= n
+
+
+async def _read_as(rc: aioredis.Redis, stream: str, group: str, consumer: str, count: int) -> list[str]:
+    """Deliver entries to `consumer` and never ack them: a consumer that crashed mid-batch."""
+    await rc.xgroup_create(stream, group, id="0", mkstream=True)
+    reply = await rc.xreadgroup(group, consumer, {stream: ">"}, count=count)
+    return [entry_id.decode() for entry_id, _ in reply[0][1]]
+
+
+def _recording_app(stream: str, group: str, seen: list[Message]) -> App:
+    app = App()
+
+    @app.handler(stream, group=group)
+    async def handle(msg: Message) -> None:
+        seen.append(msg)
+
+    return app
+
+
+async def test_consumer_recovers_its_own_pending_entries_at_once(server: EmbeddedServer, rc: aioredis.Redis,
+                                                                  uid: str) -> None:
+    stream, group, name = f"{uid}:jobs", f"{uid}-g", f"{uid}-0"
+    await publish(rc, stream, [{"n": i} for i in range(30)])
+    stranded = await _read_as(rc, stream, group, name, 20)
+    seen: list[Message] = []
+    # claim_idle_ms is an hour: only the consumer's own history read can hand these entries out again.
+    settings = make_settings(server, uid, claim_idle_ms=3_600_000)
+    async with RunningWorker(_recording_app(stream, group, seen), settings, [name]):
+        await wait_for(lambda: _pending_is(rc, stream, group, 0), timeout_s=10, what="empty PEL")
+        await wait_for(lambda: _true(len(seen) >= 30), what="all handled")
+    recovered = {m.id: m.deliveries for m in seen if m.id in stranded}
+    assert set(recovered) == set(stranded)
+    assert set(recovered.values()) == {2}
+    assert len(seen) == 30
+
+
+async def test_reclaimer_takes_over_a_dead_consumers_idle_entries(server: EmbeddedServer, rc: aioredis.Redis,
+                                                                   uid: str) -> None:
+    stream, group = f"{uid}:jobs", f"{uid}-g"
+    await publish(rc, stream, [{"n": i} for i in range(50)])
+    stranded = await _read_as(rc, stream, group, f"{uid}-crashed", 50)
+    seen: list[Message] = []
+    settings = make_settings(server, uid, claim_idle_ms=300, handler_timeout_s=0.1)
+    async with RunningWorker(_recording_app(stream, group, seen), settings) as worker:
+        await wait_for(lambda: _pending_is(rc, stream, group, 0), what="empty PEL")
+    assert sorted(m.id for m in seen) == sorted(stranded)
+    assert {m.deliveries for m in seen} == {2}
+    assert worker.stats.total("claimed") == 50
+
+
+async def test_failing_entry_is_dead_lettered_after_max_deliveries_with_provenance(
+        server: EmbeddedServer, rc: aioredis.Redis, uid: str) -> None:
+    stream, group = f"{uid}:jobs", f"{uid}-g"
+    [entry_id] = await publish(rc, stream, [{"job_id": "poison"}])
+    attempts: list[int] = []
+    app = App()
+
+    @app.handler(stream, group=group)
+    async def handle(msg: Message) -> None:
+        attempts.append(msg.deliveries)
+        raise ValueError("cannot analyse shop")
+
+    settings = make_settings(server, uid, claim_idle_ms=200, handler_timeout_s=0.1, max_deliveries=3)
+    async with RunningWorker(app, settings):
+        await wait_for(lambda: _length_is(rc, f"{stream}:dead", 1), what="dead letter")
+    [(_, fields)] = await rc.xrange(f"{stream}:dead")
+    assert attempts == [1, 2, 3]
+    assert orjson.loads(fields[b"data"]) == {"job_id": "poison"}
+    assert fields[b"fw:stream"] == stream.encode() and fields[b"fw:group"] == group.encode()
+    assert fields[b"fw:id"] == entry_id.encode() and fields[b"fw:deliveries"] == b"3"
+    assert fields[b"fw:error_class"] == b"ValueError" and fields[b"fw:error"] == b"cannot analyse shop"
+    assert int(fields[b"fw:dead_at_ms"]) > 0
+    assert await pending_count(rc, stream, group) == 0
+
+
+async def test_reject_dead_letters_on_first_delivery(server: EmbeddedServer, rc: aioredis.Redis, uid: str) -> None:
+    stream, group = f"{uid}:jobs", f"{uid}-g"
+    await publish(rc, stream, [{"n": 1}, {"n": 2}])
+    app = App()
+
+    @app.handler(stream, group=group)
+    def handle(msg: Message) -> None:  # a sync handler: runs in a thread
+        if msg.payload["n"] == 2:
+            raise Reject("shop uninstalled the app")
+
+    async with RunningWorker(app, make_settings(server, uid)) as worker:
+        await wait_for(lambda: _length_is(rc, f"{stream}:dead", 1), what="dead letter")
+        await wait_for(lambda: _pending_is(rc, stream, group, 0), what="empty PEL")
+    [(_, fields)] = await rc.xrange(f"{stream}:dead")
+    assert fields[b"fw:error_class"] == b"Reject" and fields[b"fw:deliveries"] == b"1"
+    assert fields[b"fw:error"] == b"shop uninstalled the app"
+    assert worker.stats.total("acked") == 1
+
+
+async def test_malformed_entries_are_dead_lettered_with_reason(server: EmbeddedServer, rc: aioredis.Redis,
+                                                               uid: str) -> None:
+    stream, group = f"{uid}:jobs", f"{uid}-g"
+    bad = {
+        (await rc.xadd(stream, {"data": b"{truncated"})).decode(): "malformed JSON",
+        (await rc.xadd(stream, {"data": b"\xff\xfe\x00"})).decode(): "malformed JSON",
+        (await rc.xadd(stream, {"jobId": b"\xc3\x28"})).decode(): "not UTF-8",
+    }
+    good = (await rc.xadd(stream, {"jobId": "j1", "shopId": "s1"})).decode()
+    seen: list[Message] = []
+    async with RunningWorker(_recording_app(stream, group, seen), make_settings(server, uid)):
+        await wait_for(lambda: _length_is(rc, f"{stream}:dead", 3), what="dead letters")
+        await wait_for(lambda: _pending_is(rc, stream, group, 0), what="empty PEL")
+    assert [(m.id, m.payload) for m in seen] == [(good, {"jobId": "j1", "shopId": "s1"})]
+    dead = {f[b"fw:id"].decode(): f for _, f in await rc.xrange(f"{stream}:dead")}
+    assert set(dead) == set(bad)
+    for entry_id, reason in bad.items():
+        assert dead[entry_id][b"fw:error_class"] == b"DecodeError"
+        assert reason in dead[entry_id][b"fw:error"].decode()
+        assert dead[entry_id][b"fw:deliveries"] == b"1"
+    original = dead[next(iter(bad))]
+    assert original[b"data"] == b"{truncated"
+
+
+async def test_missing_payload_field_is_dead_lettered_in_json_mode(server: EmbeddedServer, rc: aioredis.Redis,
+                                                                   uid: str) -> None:
+    stream, group = f"{uid}:jobs", f"{uid}-g"
+    await rc.xadd(stream, {"jobId": "j1"})
+    app = App()
+    app.handler(stream, group=group, payload="json")(lambda msg: None)
+    async with RunningWorker(app, make_settings(server, uid)):
+        await wait_for(lambda: _length_is(rc, f"{stream}:dead", 1), what="dead letter")
+    [(_, fields)] = await rc.xrange(f"{stream}:dead")
+    assert b"missing payload field 'data'" in fields[b"fw:error"]
+
+
+async def test_entries_deleted_while_pending_are_acked_and_counted(server: EmbeddedServer, rc: aioredis.Redis,
+                                                                   uid: str) -> None:
+    stream, group = f"{uid}:jobs", f"{uid}-g"
+    await publish(rc, stream, [{"n": i} for i in range(6)])
+    stranded = await _read_as(rc, stream, group, f"{uid}-crashed", 6)
+    await rc.xdel(stream, *stranded[:4])
+    seen: list[Message] = []
+    settings = make_settings(server, uid, claim_idle_ms=200, handler_timeout_s=0.1)
+    async with RunningWorker(_recording_app(stream, group, seen), settings) as worker:
+        await wait_for(lambda: _pending_is(rc, stream, group, 0), what="empty PEL")
+        await wait_for(lambda: _true(len(seen) == 2), what="the two surviving entries")
+    assert sorted(m.id for m in seen) == stranded[4:]
+    assert worker.stats.total("deleted") == 4
+
+
+async def test_own_history_entry_deleted_while_pending_is_dead_lettered(server: EmbeddedServer,
+                                                                        rc: aioredis.Redis, uid: str) -> None:
+    stream, group, name = f"{uid}:jobs", f"{uid}-g", f"{uid}-0"
+    await publish(rc, stream, [{"n": 1}])
+    [entry_id] = await _read_as(rc, stream, group, name, 1)
+    await rc.xdel(stream, entry_id)
+    seen: list[Message] = []
+    settings = make_settings(server, uid, claim_idle_ms=3_600_000)
+    async with RunningWorker(_recording_app(stream, group, seen), settings, [name]):
+        await wait_for(lambda: _length_is(rc, f"{stream}:dead", 1), what="dead letter")
+    [(_, fields)] = await rc.xrange(f"{stream}:dead")
+    assert (fields[b"fw:id"].decode(), fields[b"fw:error_class"]) == (entry_id, b"EntryDeleted")
+    assert seen == []
+    assert await pending_count(rc, stream, group) == 0
+
+
+async def test_batch_handler_gets_the_batch_and_fails_single_entries(server: EmbeddedServer, rc: aioredis.Redis,
+                                                                     uid: str) -> None:
+    stream, group = f"{uid}:jobs", f"{uid}-g"
+    ids = await publish(rc, stream, [{"n": i} for i in range(10)])
+    sizes: list[int] = []
+    app = App()
+
+    @app.handler(stream, group=group, batch=True)
+    async def handle(batch: list[Message]) -> dict[str, Exception]:
+        sizes.append(len(batch))
+        return {m.id: Reject("odd") for m in batch if m.payload["n"] % 2}
+
+    async with RunningWorker(app, make_settings(server, uid, batch_size=100)):
+        await wait_for(lambda: _length_is(rc, f"{stream}:dead", 5), what="dead letters")
+        await wait_for(lambda: _pending_is(rc, stream, group, 0), what="empty PEL")
+    assert sizes == [10]
+    assert sorted(f[b"fw:id"].decode() for _, f in await rc.xrange(f"{stream}:dead")) == ids[1::2]
+
+
+async def test_handler_timeout_leaves_the_entry_pending_for_retry(server: EmbeddedServer, rc: aioredis.Redis,
+                                                                   uid: str) -> None:
+    stream, group = f"{uid}:jobs", f"{uid}-g"
+    await publish(rc, stream, [{"n": 1}])
+    calls: list[int] = []
+    app = App()
+
+    @app.handler(stream, group=group)
+    async def handle(msg: Message) -> None:
+        calls.append(msg.deliveries)
+        if msg.deliveries == 1:
+            await asyncio.sleep(10)
+
+    settings = make_settings(server, uid, claim_idle_ms=300, handler_timeout_s=0.2)
+    async with RunningWorker(app, settings) as worker:
+        await wait_for(lambda: _true(worker.stats.total("acked") == 1), what="the retry to succeed")
+    assert calls == [1, 2]
+    assert worker.stats.total("retried") == 1
+
+
+async def _pending_is(rc: aioredis.Redis, stream: str, group: str, n: int) -> bool:
+    return await pending_count(rc, stream, group) == n
+
+
+async def _true(value: bool) -> bool:
+    return value

@@ -1,0 +1,194 @@
+"""Pure logic as table tests: decoding, outcome decisions, sharding, backoff, config, settle commands."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import fakeredis
+import orjson
+import pytest
+
+from fastworker import App, ConfigError, Message, Reject, Retry, Settings, config, load_settings
+from fastworker.message import decode_entries
+from fastworker.policy import Action, backoff_s, decide, exhausted, shard
+from fastworker.streams import Settlement
+
+JOB = orjson.dumps({"job_id": "job_01J9", "shop_id": "shop_4821"})
+
+
+@pytest.mark.parametrize(("raw", "mode", "payload", "error"), [
+    ([b"data", JOB], "auto", {"job_id": "job_01J9", "shop_id": "shop_4821"}, None),
+    ([b"jobId", b"j1", b"data", b"[1, 2]"], "auto", [1, 2], None),
+    ([b"jobId", b"j1", b"shopId", b"s1"], "auto", {"jobId": "j1", "shopId": "s1"}, None),
+    ([b"data", b"{not json"], "auto", None, "malformed JSON in field 'data'"),
+    ([b"data", b"\xff\xfe"], "auto", None, "malformed JSON in field 'data'"),
+    ([b"jobId", b"\xff"], "auto", None, "not UTF-8"),
+    ([b"jobId", b"j1"], "json", None, "missing payload field 'data'"),
+    ([b"data", JOB], "fields", {"data": JOB.decode()}, None),
+    ([b"data", b"{not json"], "raw", None, None),
+    ([], "auto", None, "entry deleted before it was handled"),
+])
+def test_decode_entries_payload_or_reason(raw: list[bytes], mode: str, payload: object, error: str | None) -> None:
+    [message] = decode_entries("s", [[b"1-0", raw]], 1, mode)  # type: ignore[arg-type]
+    assert message.payload == payload
+    if error is None:
+        assert message.error is None
+    else:
+        assert message.error is not None and error in message.error
+
+
+def test_decode_entries_keeps_order_ids_and_delivery_counts() -> None:
+    entries = [[b"1-0", [b"data", b"1"]], [b"2-0", None], [b"3-0", [b"data", b"3"]]]
+    messages = decode_entries("s", entries, {"1-0": 4, "3-0": 2})
+    assert [(m.id, m.payload, m.deliveries) for m in messages] == [("1-0", 1, 4), ("2-0", None, 1), ("3-0", 3, 2)]
+
+
+def test_decode_entries_accepts_resp3_maps() -> None:
+    [message] = decode_entries("s", [[b"1-0", {b"data": b"7"}]], 1)
+    assert message.payload == 7
+
+
+@pytest.mark.parametrize(("error", "deliveries", "action"), [
+    (None, 1, Action.ACK),
+    (None, 9, Action.ACK),
+    (ValueError("x"), 1, Action.RETRY),
+    (Retry(), 2, Action.RETRY),
+    (ValueError("x"), 3, Action.DEAD),
+    (ValueError("x"), 4, Action.DEAD),
+    (Reject("poison"), 1, Action.DEAD),
+])
+def test_decide_fate_of_a_delivery(error: BaseException | None, deliveries: int, action: Action) -> None:
+    assert decide(error, deliveries, max_deliveries=3) is action
+
+
+@pytest.mark.parametrize(("deliveries", "expected"), [(1, False), (3, False), (4, True)])
+def test_exhausted_only_past_max(deliveries: int, expected: bool) -> None:
+    assert exhausted(deliveries, 3) is expected
+
+
+def test_shard_spreads_names_round_robin() -> None:
+    assert shard(["a", "b", "c", "d", "e"], 2) == [["a", "c", "e"], ["b", "d"]]
+
+
+def test_shard_refuses_more_processes_than_names() -> None:
+    with pytest.raises(ValueError, match="cannot spread"):
+        shard(["a"], 2)
+
+
+def test_backoff_is_capped_and_jittered() -> None:
+    rng = random.Random(1)
+    delays = [backoff_s(attempt, 0.1, 2.0, rng) for attempt in range(12)]
+    assert all(0.05 <= d <= 2.0 for d in delays)
+    assert delays[-1] >= 1.0  # reached the cap's half
+    assert len(set(delays)) == len(delays)
+
+
+BASE = {"processes": 1, "consumer_prefix": "h"}
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"batch_size": 0}, "batch_size must be at least 1"),
+    ({"handler_timeout_s": 60.0, "claim_idle_ms": 60_000}, "must be shorter than claim_idle_ms"),
+    ({"socket_timeout_s": 2.0, "block_ms": 1500}, "must exceed block_ms"),
+    ({"redis_url": "http://localhost"}, "must start with redis://"),
+    ({"redis_url": "redis://localhost:99999/0"}, "malformed"),
+    ({"redis_url": "redis://localhost:6379/x"}, "database must be a number"),
+    ({"redis_url": "redis://:secret@localhost:bad/0"}, "***"),
+    ({"group_start_id": "1-0"}, "group_start_id must be 0 or $"),
+    ({"dead_letter_suffix": ""}, "dead_letter_suffix must not be empty"),
+    ({"consumers": 1, "processes": 2}, "consumers (1) must be 0 or at least processes (2)"),
+    ({"log_format": "xml"}, "log_format must be text or json"),
+    ({"shutdown_grace_s": 0.0}, "shutdown_grace_s must be positive"),
+])
+def test_settings_reject_malformed_or_hazardous_values(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=None) as caught:
+        Settings(**{**BASE, **overrides})  # type: ignore[arg-type]
+    assert message in str(caught.value)
+    assert "secret" not in str(caught.value)
+
+
+def test_settings_defaults_are_sound_and_picklable() -> None:
+    import pickle
+
+    settings = Settings(**BASE)  # type: ignore[arg-type]
+    assert pickle.loads(pickle.dumps(settings)) == settings
+
+
+@pytest.mark.parametrize(("environ", "url"), [
+    ({"REDIS_URL": "rediss://u:p@cache:6380/2"}, "rediss://u:p@cache:6380/2"),
+    ({"REDIS_HOST": "cache", "REDIS_PORT": "6380", "REDIS_DB": "3"}, "redis://cache:6380/3"),
+    ({"REDIS_HOST": "cache", "REDIS_PASSWORD": "p@ss/word"}, "redis://:p%40ss%2Fword@cache:6379/0"),
+    ({"REDIS_HOST": "cache", "REDIS_USERNAME": "app", "REDIS_PASSWORD": "pw", "REDIS_TLS": "true"},
+     "rediss://app:pw@cache:6379/0"),
+    ({"FASTWORKER_REDIS_URL": "redis://a:1/0", "REDIS_URL": "redis://b:2/0"}, "redis://a:1/0"),
+    ({}, "redis://localhost:6379/0"),
+])
+def test_load_settings_connection_from_app_environment(environ: dict[str, str], url: str) -> None:
+    settings, _ = load_settings({}, environ, processes=1)
+    assert settings.redis_url == url
+
+
+def test_load_settings_precedence_flag_over_env_over_default() -> None:
+    settings, sources = load_settings({"batch_size": "100"},
+                                      {"FASTWORKER_BATCH_SIZE": "200", "FASTWORKER_BLOCK_MS": "300"})
+    assert (settings.batch_size, sources["batch_size"]) == (100, "flag")
+    assert (settings.block_ms, sources["block_ms"]) == (300, "env:FASTWORKER_BLOCK_MS")
+    assert (settings.claim_idle_ms, sources["claim_idle_ms"]) == (60_000, "default")
+
+
+def test_load_settings_names_the_bad_flag_value() -> None:
+    with pytest.raises(ConfigError, match="--block-ms: expected an integer, got 'soon'"):
+        load_settings({"block_ms": "soon"}, {})
+
+
+def test_every_setting_has_exactly_one_flag_and_back() -> None:
+    from fastworker.cli import build_parser, flag_values
+
+    names = [field.name for field in dataclasses.fields(Settings)]
+    flags = [config.flag_name(name) for name in names]
+    assert len(set(flags)) == len(flags)
+    argv = ["run", "x:app"]
+    for field in dataclasses.fields(Settings):
+        argv += [config.flag_name(field.name), "7"]
+    args = build_parser().parse_args(argv)
+    assert flag_values(args) == dict.fromkeys(names, "7")
+
+
+def test_app_refuses_two_handlers_for_one_stream_and_group() -> None:
+    app = App()
+    app.handler("s", group="g")(lambda m: None)
+    with pytest.raises(ValueError, match="already has a handler"):
+        app.handler("s", group="g")(lambda m: None)
+
+
+def test_message_emit_needs_something_to_publish() -> None:
+    message = Message("s", "1-0", [b"data", b"1"], 1, 1)
+    with pytest.raises(ValueError, match="needs a payload"):
+        message.emit("out")
+
+
+def test_settlement_commands_ack_only_without_outputs() -> None:
+    settlement = Settlement("g")
+    settlement.ack(Message("s", "1-0", [b"k", b"v"], None, 1))
+    assert settlement.commands() == [("XACK", "s", "g", "1-0")]
+
+
+def test_settlement_applies_results_dead_letters_and_acks_together() -> None:
+    client = fakeredis.FakeRedis()
+    ok_id = client.xadd("s", {"data": "1"}).decode()
+    bad_id = client.xadd("s", {"data": "x"}).decode()
+    client.xgroup_create("s", "g", id="0")
+    client.xreadgroup("g", "c", {"s": ">"})
+    settlement = Settlement("g")
+    ok = Message("s", ok_id, [b"data", b"1"], 1, 1)
+    ok.emit("out", {"job": 1})
+    settlement.ack(ok)
+    settlement.dead_letter(Message("s", bad_id, [b"data", b"x"], None, 3), "s:dead", "ValueError", "boom")
+    for command in settlement.commands():
+        client.execute_command(*command)
+    assert client.xpending("s", "g")["pending"] == 0
+    assert orjson.loads(client.xrange("out")[0][1][b"data"]) == {"job": 1}
+    dead = client.xrange("s:dead")[0][1]
+    assert dead[b"data"] == b"x" and dead[b"fw:id"] == bad_id.encode() and dead[b"fw:deliveries"] == b"3"
+    assert dead[b"fw:error_class"] == b"ValueError" and dead[b"fw:group"] == b"g"
