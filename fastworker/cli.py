@@ -22,7 +22,10 @@ logger = logging.getLogger(__name__)
 
 # Subcommand modules, in the order `fastworker --help` lists them.
 COMMAND_MODULES = (
+    "fastworker.commands.demo",
     "fastworker.commands.run",
+    "fastworker.commands.status",
+    "fastworker.commands.health",
 )
 
 CONNECTION_FIELDS = ("redis_url", "socket_timeout_s")

@@ -70,17 +70,20 @@ class Dispatcher:
         started = time.perf_counter()
         outcomes = await self._run(handler, runnable)
         settlement.timings[handler.stream] = (time.perf_counter() - started, len(runnable))
+        failures = []
         for message, outcome in zip(runnable, outcomes, strict=True):
             if outcome is None:
                 settlement.ack(message)
                 continue
             action = decide(outcome, message.deliveries, self.max_deliveries)
-            _log_failure(handler, message, outcome, action)
+            failures.append((message, outcome, action))
             if action is Action.DEAD:
                 reason = outcome.reason if isinstance(outcome, Reject) else str(outcome)
                 settlement.dead_letter(message, dead_stream, type(outcome).__name__, reason)
             else:
                 settlement.retry(message)
+        if failures:
+            _log_failures(handler, failures)
 
     async def _run(self, handler: Handler, messages: list[Message]) -> list[Outcome]:
         if handler.batch:
@@ -170,10 +173,16 @@ def _call_sync_each(func: Callable[[Message], Any], chunk: list[tuple[int, Messa
     return outcomes
 
 
-def _log_failure(handler: Handler, message: Message, error: BaseException, action: Action) -> None:
-    # Failures are rare by design; successes are never logged per message.
-    level = logging.INFO if isinstance(error, Retry) else logging.WARNING
-    logger.log(level, "handler failed handler=%s stream=%s id=%s deliveries=%d action=%s error=%s: %s",
-               handler.name, message.stream, message.id, message.deliveries, action.value,
-               type(error).__name__, error, exc_info=level >= logging.WARNING and not isinstance(error, Reject)
-               and logger.isEnabledFor(logging.DEBUG))
+def _log_failures(handler: Handler, failures: list[tuple[Message, BaseException, Action]]) -> None:
+    """One line per batch, not per message: an outage downstream must not turn into a log flood."""
+    message, error, _ = failures[0]
+    dead = sum(action is Action.DEAD for _, _, action in failures)
+    expected = all(isinstance(e, Retry | Reject) for _, e, _ in failures)
+    logger.log(logging.INFO if expected else logging.WARNING,
+               "%d handler failures handler=%s stream=%s retried=%d dead=%d first: id=%s deliveries=%d %s: %s",
+               len(failures), handler.name, message.stream, len(failures) - dead, dead, message.id,
+               message.deliveries, type(error).__name__, error)
+    if logger.isEnabledFor(logging.DEBUG):
+        for message, error, action in failures:
+            logger.debug("handler failed id=%s deliveries=%d action=%s", message.id, message.deliveries,
+                         action.value, exc_info=error)

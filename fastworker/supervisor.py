@@ -62,7 +62,8 @@ class Slot:
     ready: bool = False
     last_beat: float = 0.0
     restarts: int = 0
-    stats: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)  # the current process's last report
+    past: list[dict[str, Any]] = field(default_factory=list)  # last reports of the processes before it
 
     @property
     def alive(self) -> bool:
@@ -139,6 +140,12 @@ class Supervisor:
                 notify_systemd("READY=1")
                 logger.info("all %d worker processes ready", len(self.slots))
 
+    def _drain_reports(self, slot: Slot, conn: Connection) -> None:
+        """Read what an exited child sent last (its final counters) before the pipe is closed."""
+        with contextlib.suppress(EOFError, OSError):
+            while conn.poll():
+                _, slot.stats = conn.recv()
+
     def _exited(self, slot: Slot, process: Any) -> None:
         loop = asyncio.get_running_loop()
         loop.remove_reader(process.aio_process.sentinel)
@@ -147,8 +154,12 @@ class Supervisor:
         if slot.conn is not None:
             with contextlib.suppress(ValueError, OSError):
                 loop.remove_reader(slot.conn.fileno())
+            self._drain_reports(slot, slot.conn)
             slot.conn.close()
             slot.conn = None
+        if slot.stats:
+            slot.past.append(slot.stats)  # counters stay monotonic across restarts
+            slot.stats = {}
         slot.ready = False
         if self._stopping:
             logger.info("worker process index=%d exited code=%s", slot.index, code)
@@ -233,6 +244,18 @@ class Supervisor:
 
     def ready(self) -> bool:
         return all(slot.ready for slot in self.slots)
+
+    def reports(self) -> list[dict[str, Any]]:
+        """Every counter report there is: current processes and the ones they replaced."""
+        return [report for slot in self.slots for report in (*slot.past, slot.stats) if report]
+
+    def totals(self) -> dict[tuple[str, str, str], int]:
+        """(stream, group, outcome) -> count, over every worker process this supervisor ran."""
+        totals: dict[tuple[str, str, str], int] = {}
+        for report in self.reports():
+            for stream, group, outcome, value in report.get("counts", ()):
+                totals[stream, group, outcome] = totals.get((stream, group, outcome), 0) + value
+        return totals
 
 
 async def preflight(app: App, settings: Settings) -> None:
