@@ -1,0 +1,54 @@
+"""Dead consumer cleanup: remove consumers of a group that own nothing and have been idle for long.
+
+Each crash of a worker that used a fresh consumer name leaves that name behind in its group; they pile up and
+clutter XINFO. Invariant: a consumer that owns pending entries is never deleted. XGROUP DELCONSUMER drops the
+consumer's pending entries from the PEL along with it, so those entries could never be claimed again: that would
+be a silent loss. The pending check and the delete therefore run in one Lua script, atomically: a consumer that
+reads an entry between a separate check and the delete would otherwise lose it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastworker.ops.inspect import ConsumerInfo
+from fastworker.streams import Streams, translated
+
+logger = logging.getLogger(__name__)
+
+# Returns -1 (kept: it owns pending entries) or the DELCONSUMER reply (pending entries it had: always 0 here).
+DELETE_IF_IDLE_EMPTY = """
+local owned = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if #owned > 0 then return -1 end
+return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+"""
+
+
+async def dead_consumers(streams: Streams, stream: str, group: str, idle_ms: int) -> list[ConsumerInfo]:
+    """Consumers of `group` with zero pending entries, idle for longer than `idle_ms`."""
+    with translated(streams.url):
+        consumers = await streams.redis.xinfo_consumers(stream, group)
+    found = []
+    for consumer in consumers:
+        name = consumer["name"].decode(errors="replace") if isinstance(consumer["name"], bytes) else consumer["name"]
+        pending, idle = int(consumer["pending"]), int(consumer["idle"])
+        if pending == 0 and idle > idle_ms:
+            found.append(ConsumerInfo(name, pending, idle, True))
+    return found
+
+
+async def remove_dead_consumers(streams: Streams, stream: str, group: str, idle_ms: int) -> list[str]:
+    """Delete the consumers of `group` that have zero pending entries and have been idle longer than `idle_ms`;
+    return the names deleted. A consumer that took an entry since it was listed is kept (checked atomically)."""
+    removed = []
+    script = streams.redis.register_script(DELETE_IF_IDLE_EMPTY)
+    for consumer in await dead_consumers(streams, stream, group, idle_ms):
+        with translated(streams.url):
+            reply = int(await script(keys=[stream], args=[group, consumer.name]))
+        if reply < 0:
+            logger.info("kept consumer %s of group %s on %s: it took pending entries", consumer.name, group, stream)
+            continue
+        removed.append(consumer.name)
+        logger.info("removed dead consumer stream=%s group=%s consumer=%s idle_ms=%d", stream, group, consumer.name,
+                    consumer.idle_ms)
+    return removed

@@ -1,0 +1,297 @@
+"""Read-only inspection of a server: streams, groups, consumers, dead-letter streams, and the health probe.
+
+This module owns the typed snapshot that `fastworker status`, `fastworker health` and the metrics gauges read.
+It never writes to the server. Every age is measured against the server's clock (TIME), not the local one,
+because entry ids carry the server's milliseconds: an operator's laptop with a skewed clock would otherwise show
+negative or inflated ages. A group's `lag` may be null (the server cannot compute it after an XDEL of an entry the
+group has not read yet): it stays `None` here and callers show it as unknown.
+
+The oldest pending entry of a group is found with the extended XPENDING form (`- + 1`): one call gives its id
+(whose millisecond part is the time it was added, so its age is `now - ms`), how long since it was last delivered
+(idle) and how many times it was delivered. The summary form would give the id only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import redis.exceptions as rex
+
+from fastworker.errors import RedisCommandError
+from fastworker.streams import Streams, translated
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DEAD_AFTER_MS = 3_600_000
+MAX_SEQ = 2**64 - 1
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+# --- entry ids ------------------------------------------------------------------------------------------------
+
+def parse_id(entry_id: str) -> tuple[int, int]:
+    """(milliseconds, sequence) of an entry id; `1700000000000` alone means sequence 0."""
+    ms, _, seq = entry_id.partition("-")
+    try:
+        return int(ms), int(seq or 0)
+    except ValueError:
+        raise RedisCommandError(f"not a stream entry id: {entry_id!r} (expected MS-SEQ)") from None
+
+
+def format_id(parts: tuple[int, int]) -> str:
+    return f"{parts[0]}-{parts[1]}"
+
+
+def id_ms(entry_id: str) -> int:
+    return parse_id(entry_id)[0]
+
+
+def next_id(entry_id: str) -> str:
+    """The smallest id greater than `entry_id`."""
+    ms, seq = parse_id(entry_id)
+    return format_id((ms + 1, 0) if seq == MAX_SEQ else (ms, seq + 1))
+
+
+def min_id(ids: Iterable[str]) -> str:
+    return format_id(min(parse_id(i) for i in ids))
+
+
+def age_ms(entry_id: str | None, now_ms: int) -> int | None:
+    """Milliseconds since the entry was added (its id's time part), never negative."""
+    return None if entry_id is None else max(0, now_ms - id_ms(entry_id))
+
+
+async def server_time_ms(streams: Streams) -> int:
+    """The server's clock in milliseconds (entry ids are stamped with it)."""
+    with translated(streams.url):
+        seconds, micros = await streams.redis.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+# --- snapshot types -----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ConsumerInfo:
+    name: str
+    pending: int
+    idle_ms: int  # since its last attempted interaction (a read, even an empty one, resets it)
+    dead: bool  # zero pending and idle longer than the snapshot's dead_after_ms
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupInfo:
+    name: str
+    consumers: list[ConsumerInfo]
+    pending: int
+    lag: int | None  # entries not yet delivered to the group; None when the server cannot tell
+    last_delivered_id: str
+    entries_read: int | None
+    oldest_pending_id: str | None
+    oldest_pending_age_ms: int | None  # since the entry was added to the stream
+    oldest_pending_idle_ms: int | None  # since it was last delivered
+    oldest_pending_deliveries: int | None
+    oldest_pending_consumer: str | None
+
+    @property
+    def dead_consumers(self) -> list[str]:
+        return [consumer.name for consumer in self.consumers if consumer.dead]
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamInfo:
+    name: str
+    exists: bool
+    is_dead_letter: bool  # a dead-letter stream (its name ends with the dead-letter suffix)
+    length: int
+    first_id: str | None
+    last_id: str | None
+    first_age_ms: int | None
+    last_age_ms: int | None
+    memory_bytes: int | None
+    groups: list[GroupInfo]
+    dead_letter_stream: str | None  # for a source stream: where its dead letters go
+    dead_letters: int | None  # length of that stream (0 when it does not exist)
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    taken_at_ms: int  # server clock
+    server: str
+    version: str
+    dead_after_ms: int
+    streams: list[StreamInfo]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON, with each group's dead consumers listed."""
+        data = dataclasses.asdict(self)
+        for stream_data, stream in zip(data["streams"], self.streams, strict=True):
+            for group_data, group in zip(stream_data["groups"], stream.groups, strict=True):
+                group_data["dead_consumers"] = group.dead_consumers
+        return data
+
+
+# --- gathering ----------------------------------------------------------------------------------------------------
+
+async def stream_names(streams: Streams, match: str | None = None) -> list[str]:
+    """Every stream key on the server (SCAN TYPE stream), sorted."""
+    with translated(streams.url):
+        names = {_text(key) async for key in streams.redis.scan_iter(match=match, count=1000, _type="stream")}
+    return sorted(names)
+
+
+def is_dead_letter_stream(name: str, dead_letter_suffix: str) -> bool:
+    return name.endswith(dead_letter_suffix) and len(name) > len(dead_letter_suffix)
+
+
+async def snapshot(streams: Streams, stream_names_: Sequence[str] | None = None, *,
+                   dead_letter_suffix: str = ":dead", dead_after_ms: int = DEFAULT_DEAD_AFTER_MS) -> Snapshot:
+    """Everything `fastworker status` shows, for the named streams (default: every stream on the server).
+
+    A named stream that does not exist is reported with `exists=False` rather than raising, so a status of an
+    app whose producers have not written yet still works.
+    """
+    names = list(stream_names_) if stream_names_ is not None else await stream_names(streams)
+    server, version = await streams.server_version()
+    now_ms = await server_time_ms(streams)
+    infos = [await inspect_stream(streams, name, dead_letter_suffix, dead_after_ms) for name in names]
+    return Snapshot(now_ms, server, version, dead_after_ms, infos)
+
+
+async def inspect_stream(streams: Streams, name: str, dead_letter_suffix: str = ":dead",
+                         dead_after_ms: int = DEFAULT_DEAD_AFTER_MS) -> StreamInfo:
+    """One stream's StreamInfo, in two round trips (stream facts with the server's clock, then every group's
+    consumers and oldest pending entry)."""
+    is_dead = is_dead_letter_stream(name, dead_letter_suffix)
+    dead_stream = None if is_dead else name + dead_letter_suffix
+    with translated(streams.url):
+        async with streams.redis.pipeline(transaction=False) as pipe:
+            pipe.type(name)
+            pipe.xinfo_stream(name)
+            pipe.xinfo_groups(name)
+            pipe.memory_usage(name)
+            pipe.time()
+            if dead_stream is not None:
+                pipe.xlen(dead_stream)
+            replies = await pipe.execute(raise_on_error=False)
+    kind, info, groups, memory, (seconds, micros) = replies[:5]
+    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    dead_letters = _dead_letters(replies[5]) if dead_stream is not None else None
+    if _text(kind) != "stream":
+        return StreamInfo(name, False, is_dead, 0, None, None, None, None, None, [], dead_stream, dead_letters)
+    for reply in (info, groups):
+        if isinstance(reply, Exception):
+            raise reply  # the key is a stream: any error here is real (permissions, say)
+    first_id, last_id = _entry_id(info.get("first-entry")), _entry_id(info.get("last-entry"))
+    group_infos = await _groups(streams, name, groups, dead_after_ms, now_ms)
+    return StreamInfo(name, True, is_dead, int(info["length"]), first_id, last_id, age_ms(first_id, now_ms),
+                      age_ms(last_id, now_ms), None if isinstance(memory, Exception) else _int_or_none(memory),
+                      group_infos, dead_stream, dead_letters)
+
+
+def _dead_letters(reply: Any) -> int | None:
+    return None if isinstance(reply, Exception) else int(reply)
+
+
+def _entry_id(entry: Any) -> str | None:
+    if not entry:
+        return None
+    return _text(entry[0])
+
+
+async def _groups(streams: Streams, stream: str, groups: list[dict[str, Any]], dead_after_ms: int,
+                  now_ms: int) -> list[GroupInfo]:
+    if not groups:
+        return []
+    with translated(streams.url):
+        async with streams.redis.pipeline(transaction=False) as pipe:
+            for group in groups:
+                pipe.xinfo_consumers(stream, group["name"])
+                pipe.xpending_range(stream, group["name"], "-", "+", 1)
+            replies = await pipe.execute()
+    return [_group(group, replies[2 * index], replies[2 * index + 1], dead_after_ms, now_ms)
+            for index, group in enumerate(groups)]
+
+
+def _group(group: dict[str, Any], consumers: list[dict[str, Any]], oldest: list[dict[str, Any]],
+           dead_after_ms: int, now_ms: int) -> GroupInfo:
+    consumer_infos = [
+        ConsumerInfo(_text(c["name"]), int(c["pending"]), int(c["idle"]),
+                     int(c["pending"]) == 0 and int(c["idle"]) > dead_after_ms)
+        for c in consumers
+    ]
+    first = oldest[0] if oldest else None
+    oldest_id = _text(first["message_id"]) if first else None
+    return GroupInfo(
+        name=_text(group["name"]),
+        consumers=consumer_infos,
+        pending=int(group["pending"]),
+        lag=_int_or_none(group.get("lag")),
+        last_delivered_id=_text(group["last-delivered-id"]),
+        entries_read=_int_or_none(group.get("entries-read")),
+        oldest_pending_id=oldest_id,
+        oldest_pending_age_ms=age_ms(oldest_id, now_ms),
+        oldest_pending_idle_ms=int(first["time_since_delivered"]) if first else None,
+        oldest_pending_deliveries=int(first["times_delivered"]) if first else None,
+        oldest_pending_consumer=_text(first["consumer"]) if first else None,
+    )
+
+
+async def group_names(streams: Streams, stream: str) -> list[str] | None:
+    """The consumer groups of `stream`, or None when the stream does not exist."""
+    with translated(streams.url):
+        try:
+            groups = await streams.redis.xinfo_groups(stream)
+        except rex.ResponseError as exc:
+            if "no such key" in str(exc).lower():
+                return None
+            raise
+    return [_text(group["name"]) for group in groups]
+
+
+# --- health -------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Health:
+    healthy: bool
+    reason: str | None  # one line, when not healthy
+    latency_ms: float
+    server: str
+    version: str
+    missing_groups: list[tuple[str, str]]  # (stream, group)
+
+
+async def missing_groups(streams: Streams, pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The (stream, group) pairs that do not exist on the server, in the order given."""
+    pairs = list(pairs)
+    present: dict[str, set[str]] = {}
+    for stream in dict.fromkeys(stream for stream, _ in pairs):
+        present[stream] = set(await group_names(streams, stream) or ())
+    return [(stream, group) for stream, group in pairs if group not in present[stream]]
+
+
+async def check_health(streams: Streams, required: Iterable[tuple[str, str]] = (),
+                       max_latency_ms: float | None = None) -> Health:
+    """PING latency, server name and version, and whether the required groups exist.
+
+    An unreachable server or refused credentials raise (RedisUnavailable, RedisAuthError): those have exit codes
+    of their own, distinct from "reachable but unhealthy".
+    """
+    latency_ms = await streams.ping() * 1000
+    server, version = await streams.server_version()
+    missing = await missing_groups(streams, required)
+    reason = None
+    if missing:
+        reason = "missing group(s): " + ", ".join(f"{group} on {stream}" for stream, group in missing)
+    elif max_latency_ms is not None and latency_ms > max_latency_ms:
+        reason = f"PING took {latency_ms:.1f} ms, over the limit of {max_latency_ms:g} ms"
+    return Health(reason is None, reason, latency_ms, server, version, missing)
