@@ -11,21 +11,19 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
 
 from fastworker.errors import FastworkerError
+from fastworker.proc import die_with_parent
 
-PR_SET_PDEATHSIG = 1
 SERVER_BIN_ENV = "FASTWORKER_SERVER_BIN"
 
 
@@ -52,15 +50,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here: the child must not dlopen between fork and exec
-
-
-def die_with_parent(signum: int = signal.SIGKILL) -> None:
-    """Ask the kernel to send `signum` to this process when its parent dies (Linux; a no-op elsewhere)."""
-    if sys.platform == "linux":
-        _LIBC.prctl(PR_SET_PDEATHSIG, signum)
 
 
 class EmbeddedServer:

@@ -40,7 +40,7 @@ from fastworker.app import App, load_app
 from fastworker.config import Settings
 from fastworker.errors import CrashLoop, ExitCode, FastworkerError
 from fastworker.policy import backoff_s, shard
-from fastworker.server import die_with_parent
+from fastworker.proc import die_with_parent, set_process_name
 from fastworker.streams import Streams
 from fastworker.worker import Worker, install_signal_handlers
 
@@ -114,7 +114,7 @@ class Supervisor:
         receiver, sender = aiomultiprocess.core.get_context().Pipe(duplex=False)
         process = aiomultiprocess.Process(
             target=worker_process, args=(self.app_ref, self.settings, slot.names, sender, os.getpid()),
-            name=f"fastworker-{slot.index}", initializer=_child_init, initargs=(self.settings,),
+            name=f"fastworker-{slot.index}", initializer=_child_init, initargs=(self.settings, slot.index),
             loop_initializer=uvloop.new_event_loop, process_target=_child_main)
         process.start()
         sender.close()
@@ -275,13 +275,19 @@ def _own_manager() -> None:
     SIGKILLed supervisor leaves no process behind (the library's own would outlive it)."""
     if aiomultiprocess.core._manager is None:
         sync = SyncManager(ctx=aiomultiprocess.core.get_context())
-        sync.start(initializer=die_with_parent, initargs=(signal.SIGKILL,))
+        sync.start(initializer=_manager_init)
         aiomultiprocess.core._manager = sync
 
 
-def _child_init(settings: Settings) -> None:
+def _manager_init() -> None:
+    die_with_parent(signal.SIGKILL)
+    set_process_name("fw-manager")
+
+
+def _child_init(settings: Settings, index: int) -> None:
     """Runs first in every worker process: die with the supervisor, leave Ctrl-C to it, log like it."""
     die_with_parent(signal.SIGTERM)  # drain, like a normal stop
+    set_process_name(f"fw-worker-{index}")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logs.configure(settings.log_level, settings.log_format)
 

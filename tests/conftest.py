@@ -93,3 +93,19 @@ class RunningWorker:
 async def pending_count(client: aioredis.Redis, stream: str, group: str) -> int:
     summary = await client.xpending(stream, group)
     return int(summary["pending"])
+
+
+SERVER_FIXTURES = {"server", "own_server", "rc"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that needs a real server, so `pytest -m server` reruns just those on another server."""
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.server)
+
+
+def pytest_report_header() -> str:
+    from fastworker.server import default_binary
+
+    return f"server binary: {default_binary()}"

@@ -1,0 +1,216 @@
+"""The fleet as users run it: the real CLI in a subprocess, real signals, real crashes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from fastworker import EmbeddedServer, ExitCode
+from tests.conftest import JOB
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Fleet:
+    """One `fastworker run tests.fleet_app:app` subprocess and what it left behind."""
+
+    def __init__(self, server: EmbeddedServer, uid: str, tmp_path: Path, **env: str) -> None:
+        self.stream, self.group, self.results = f"{uid}:jobs", f"{uid}-g", f"{uid}:results"
+        self.prefix = uid
+        self.calls_dir = tmp_path
+        self.log = tmp_path / "fleet.log"
+        self.client = redis.Redis.from_url(server.url)
+        self.env = {**os.environ, "FLEET_STREAM": self.stream, "FLEET_GROUP": self.group,
+                    "FLEET_RESULTS": self.results, "FLEET_CALLS_DIR": str(tmp_path), **env,
+                    "REDIS_URL": server.url, "PYTHONPATH": str(REPO)}
+        self.process: subprocess.Popen[str] | None = None
+
+    def publish(self, n: int) -> list[str]:
+        ids = []
+        pipe = self.client.pipeline(transaction=False)
+        for i in range(n):
+            pipe.xadd(self.stream, {"data": f'{{"job_id": "job-{i}", "shop_id": "{JOB["shop_id"]}"}}'})
+            if len(pipe) == 1000:
+                ids += [i.decode() for i in pipe.execute()]
+        ids += [i.decode() for i in pipe.execute()]
+        return ids
+
+    def start(self, *flags: str) -> subprocess.Popen[str]:
+        argv = [sys.executable, "-m", "fastworker", "run", "tests.fleet_app:app", "--consumer-prefix", self.prefix,
+                "--block-ms", "200", "--claim-interval-ms", "500", *flags]
+        with self.log.open("w") as log:  # a file, not a pipe: nobody reads a pipe while the fleet runs
+            self.process = subprocess.Popen(argv, env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                            text=True)
+        return self.process
+
+    def calls(self) -> Counter[str]:
+        counts: Counter[str] = Counter()
+        for path in self.calls_dir.glob("calls-*.txt"):
+            counts.update(path.read_text().split())
+        return counts
+
+    def pending(self) -> int:
+        return int(self.client.xpending(self.stream, self.group)["pending"])
+
+    def workers(self) -> list[int]:
+        assert self.process is not None
+        return children(self.process.pid)
+
+    def wait(self, condition: Callable[[], bool], timeout_s: float = 60, what: str = "") -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(f"fleet exited with {self.process.returncode}: {self.output()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            time.sleep(0.05)
+
+    def stop(self, timeout_s: float = 40) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout_s)
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.client.close()
+
+
+def children(pid: int, name: str = "fw-worker-") -> list[int]:
+    """Live (non-zombie) worker processes whose parent is `pid`, from /proc, in worker index order."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            comm, rest = stat.split("(", 1)[1].rsplit(")", 1)
+            fields = rest.split()
+            if int(fields[1]) == pid and fields[0] != "Z" and comm.startswith(name):
+                found.append((comm, int(entry.name)))
+    return [pid for _, pid in sorted(found)]
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.fixture
+def fleet(server: EmbeddedServer, uid: str, tmp_path: Path) -> Iterator[Fleet]:
+    running = Fleet(server, uid, tmp_path)
+    yield running
+    running.close()
+
+
+def test_fleet_two_processes_handle_every_entry(fleet: Fleet) -> None:
+    n = 50_000
+    fleet.publish(n)
+    fleet.start("--processes", "2", "--batch-size", "500")
+    fleet.wait(lambda: fleet.client.xlen(fleet.results) >= n, what="every result")
+    assert fleet.stop() == ExitCode.OK
+    calls = fleet.calls()
+    assert len(calls) == n
+    assert fleet.pending() == 0
+    results = {fields[b"data"] for _, fields in fleet.client.xrange(fleet.results)}
+    assert len(results) == n
+
+
+def test_fleet_restarts_sigkilled_workers_under_the_same_names(fleet: Fleet) -> None:
+    n, batch, kills = 30_000, 100, 3
+    fleet.publish(n)
+    fleet.env["FLEET_DELAY_S"] = "0.0002"  # slow enough that the kills land mid-run
+    fleet.start("--processes", "2", "--batch-size", str(batch), "--concurrency", "1")
+    fleet.wait(lambda: len(fleet.workers()) >= 2, what="two workers")
+    for kill in range(kills):
+        fleet.wait(lambda k=kill: sum(fleet.calls().values()) > (k + 1) * n // (kills + 2), what="progress")
+        victim = fleet.workers()[kill % 2]
+        os.kill(victim, signal.SIGKILL)
+        fleet.wait(lambda v=victim: not alive(v) and len(fleet.workers()) >= 2, what="a replacement worker")
+    fleet.wait(lambda: len(fleet.calls()) == n and fleet.pending() == 0, timeout_s=90, what="every job handled")
+    assert fleet.stop() == ExitCode.OK
+    calls = fleet.calls()
+    lost = n - len(calls)
+    duplicates = sum(calls.values()) - len(calls)
+    assert lost == 0
+    assert duplicates <= kills * batch
+    consumers = {c["name"].decode() for c in fleet.client.xinfo_consumers(fleet.stream, fleet.group)}
+    assert consumers == {f"{fleet.prefix}-0", f"{fleet.prefix}-1"}
+
+
+def test_fleet_sigterm_drains_and_acks_only_what_was_handled(fleet: Fleet) -> None:
+    n = 20_000
+    ids = fleet.publish(n)
+    fleet.env["FLEET_DELAY_S"] = "0.0005"
+    fleet.start("--processes", "2", "--batch-size", "200", "--shutdown-grace-s", "10")
+    fleet.wait(lambda: sum(fleet.calls().values()) > 2_000, what="progress")
+    started = time.monotonic()
+    assert fleet.stop() == ExitCode.OK
+    assert time.monotonic() - started < 10
+    handled = set(fleet.calls())
+    pending = {e["message_id"].decode() for e in fleet.client.xpending_range(fleet.stream, fleet.group, "-", "+", n)}
+    delivered = {entry_id.decode() for entry_id, _ in fleet.client.xrange(fleet.stream)}
+    assert delivered == set(ids)
+    jobs = {entry_id.decode(): fields[b"data"] for entry_id, fields in fleet.client.xrange(fleet.stream)}
+    read = int(fleet.client.xinfo_groups(fleet.stream)[0]["entries-read"])
+    acked = [entry_id for entry_id in ids[:read] if entry_id not in pending]
+    not_handled = [i for i in acked if jobs[i].split(b'"')[3].decode() not in handled]
+    assert not_handled == []
+    assert 0 < len(handled) < n
+
+
+def test_fleet_workers_leave_when_the_supervisor_is_sigkilled(fleet: Fleet) -> None:
+    fleet.start("--processes", "2")
+    fleet.wait(lambda: len(fleet.workers()) >= 2, what="workers")
+    assert fleet.process is not None
+    workers = fleet.workers() + children(fleet.process.pid, "fw-manager")
+    assert len(workers) == 3
+    assert fleet.process is not None
+    fleet.process.kill()
+    fleet.process.wait()
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [pid for pid in workers if alive(pid)] == []
+
+
+def test_fleet_crash_loop_exits_with_its_code(fleet: Fleet) -> None:
+    fleet.env["FLEET_CRASH_ON_START"] = "1"
+    process = fleet.start("--processes", "1", "--crash-loop-restarts", "3", "--crash-loop-window-s", "60")
+    assert process.wait(60) == ExitCode.CRASH_LOOP
+    assert "worker processes died 3 times" in fleet.output()
+
+
+def test_cli_unknown_app_is_one_line_and_exit_code(fleet: Fleet) -> None:
+    done = subprocess.run([sys.executable, "-m", "fastworker", "run", "tests.no_such_module:app"],
+                          check=False, capture_output=True, text=True, env=fleet.env, cwd=REPO, timeout=30)
+    assert done.returncode == ExitCode.APP_IMPORT
+    assert done.stderr == "fastworker: error: cannot import module 'tests.no_such_module': " \
+                          "No module named 'tests.no_such_module'\n"
+
+
+def test_cli_bad_flag_value_is_one_line_and_exit_code(fleet: Fleet) -> None:
+    done = subprocess.run([sys.executable, "-m", "fastworker", "run", "tests.fleet_app:app", "--processes", "two"],
+                          check=False, capture_output=True, text=True, env=fleet.env, cwd=REPO, timeout=30)
+    assert done.returncode == ExitCode.CONFIG
+    assert done.stderr == "fastworker: error: --processes: expected an integer, got 'two'\n"
