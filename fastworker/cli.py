@@ -26,6 +26,9 @@ COMMAND_MODULES = (
     "fastworker.commands.run",
     "fastworker.commands.status",
     "fastworker.commands.health",
+    "fastworker.commands.dlq",
+    "fastworker.commands.replay",
+    "fastworker.commands.trim",
 )
 
 CONNECTION_FIELDS = ("redis_url", "socket_timeout_s")

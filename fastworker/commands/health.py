@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from fastworker.cli import settings_from_args
-from fastworker.commands.status import add_common_flags, app_pairs, print_json, run_with_streams
+from fastworker.commands.status import UsageError, add_common_flags, app_pairs, print_json, run_with_streams
 from fastworker.errors import ExitCode, FastworkerError
 from fastworker.ops.inspect import Health, check_health
 
@@ -38,7 +38,7 @@ def register(sub: Any) -> None:
 
 def health(args: argparse.Namespace) -> int:
     if bool(args.stream) != bool(args.group):
-        raise FastworkerError("--stream and --group go together: name the groups required on the streams")
+        raise UsageError("--stream and --group go together: name the groups required on the streams")
     settings, _ = settings_from_args(args)
     required = app_pairs(args.app) + [(stream, group) for stream in args.stream for group in args.group]
     try:

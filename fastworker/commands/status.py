@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from fastworker.app import load_app
 from fastworker.cli import CONNECTION_FIELDS, add_settings_flags, settings_from_args
 from fastworker.config import Settings
-from fastworker.errors import ExitCode
+from fastworker.errors import ExitCode, FastworkerError
 from fastworker.ops.inspect import Snapshot, snapshot
 from fastworker.streams import Streams
 
@@ -27,6 +27,12 @@ CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
 
 # --- helpers shared by the operating commands ---------------------------------------------------------------------
+
+class UsageError(FastworkerError):
+    """Options that do not fit together, or a destructive action without its confirmation."""
+
+    exit_code = ExitCode.USAGE
+
 
 def add_common_flags(parser: argparse.ArgumentParser, json_help: str = "print JSON for scripts") -> None:
     parser.add_argument("--json", action="store_true", help=json_help)

@@ -20,7 +20,7 @@ from typing import Any
 
 import redis.exceptions as rex
 
-from fastworker.errors import RedisCommandError
+from fastworker.errors import ExitCode, FastworkerError
 from fastworker.streams import Streams, translated
 
 logger = logging.getLogger(__name__)
@@ -39,13 +39,19 @@ def _int_or_none(value: Any) -> int | None:
 
 # --- entry ids ------------------------------------------------------------------------------------------------
 
+class InvalidEntryId(FastworkerError):
+    """A stream entry id given by a person or a script is malformed."""
+
+    exit_code = ExitCode.USAGE
+
+
 def parse_id(entry_id: str) -> tuple[int, int]:
     """(milliseconds, sequence) of an entry id; `1700000000000` alone means sequence 0."""
     ms, _, seq = entry_id.partition("-")
     try:
         return int(ms), int(seq or 0)
     except ValueError:
-        raise RedisCommandError(f"not a stream entry id: {entry_id!r} (expected MS-SEQ)") from None
+        raise InvalidEntryId(f"not a stream entry id: {entry_id!r} (expected MS-SEQ)") from None
 
 
 def format_id(parts: tuple[int, int]) -> str:
