@@ -56,6 +56,12 @@ class Settings:
                                   factory=socket.gethostname)
     crash_loop_restarts: int = _field(5, help="worker process deaths within crash_loop_window_s that stop the fleet")
     crash_loop_window_s: float = _field(60.0, help="window in which crash_loop_restarts deaths mean a crash loop")
+    http_port: int = _field(0, help="serve /healthz, /readyz and /metrics on this port (0: off)")
+    http_host: str = _field("0.0.0.0", help="address the HTTP endpoints listen on")
+    sample_interval_s: float = _field(5.0, help="how often stream gauges (length, pending, lag) are sampled")
+    trim_interval_s: float = _field(0.0, help="trim the app's streams safely this often (0: never)")
+    trim_retain_s: float = _field(3600.0, help="trimming keeps entries younger than this, even when acked")
+    dead_consumer_idle_s: float = _field(86400.0, help="drop consumers idle this long with nothing pending (0: never)")
     log_level: str = _field("INFO", help="DEBUG, INFO, WARNING or ERROR")
     log_format: str = _field("text", help="text or json (one object a line)")
 
@@ -83,9 +89,11 @@ def _range_problems(s: Settings) -> list[str]:
     problems = [f"{name} must be at least {low}, got {getattr(s, name)}" for name, low in (
         ("batch_size", 1), ("block_ms", 1), ("claim_idle_ms", 1), ("claim_interval_ms", 1),
         ("max_deliveries", 1), ("concurrency", 1), ("processes", 1), ("consumers", 0), ("crash_loop_restarts", 1),
+        ("http_port", 0), ("trim_interval_s", 0), ("trim_retain_s", 0), ("dead_consumer_idle_s", 0),
     ) if getattr(s, name) < low]
     return problems + [f"{name} must be positive, got {getattr(s, name)}" for name in (
-        "handler_timeout_s", "shutdown_grace_s", "socket_timeout_s", "crash_loop_window_s") if not getattr(s, name) > 0]
+        "handler_timeout_s", "shutdown_grace_s", "socket_timeout_s", "crash_loop_window_s", "sample_interval_s",
+    ) if not getattr(s, name) > 0]
 
 
 def _hazards(s: Settings) -> list[str]:
@@ -98,6 +106,8 @@ def _hazards(s: Settings) -> list[str]:
         problems.append(
             f"socket_timeout_s ({s.socket_timeout_s:g}) must exceed block_ms ({s.block_ms}) by at least "
             f"{SOCKET_TIMEOUT_MARGIN_MS} ms: a blocking read would time out and be retried forever")
+    if s.http_port > 65535:
+        problems.append(f"http_port must be at most 65535, got {s.http_port}")
     if s.consumers and s.consumers < s.processes:
         problems.append(f"consumers ({s.consumers}) must be 0 or at least processes ({s.processes})")
     if not s.dead_letter_suffix:

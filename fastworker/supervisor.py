@@ -39,6 +39,7 @@ from fastworker import logs
 from fastworker.app import App, load_app
 from fastworker.config import Settings
 from fastworker.errors import CrashLoop, ExitCode, FastworkerError
+from fastworker.monitor import Monitor
 from fastworker.policy import backoff_s, shard
 from fastworker.proc import die_with_parent, set_process_name
 from fastworker.streams import Streams
@@ -100,13 +101,16 @@ class Supervisor:
         install_signal_handlers(self.stop, self._leave_now)
         for slot in self.slots:
             self._spawn(slot)
+        monitor = Monitor(self, self.app, self.settings)
+        await monitor.start()
         for hook in self.on_started:
             await hook(self)
         logger.info("supervisor started processes=%d consumers=%s", len(self.slots),
                     ",".join(name for slot in self.slots for name in slot.names))
-        code = await self._done
-        notify_systemd("STOPPING=1")
-        return code
+        try:
+            return await self._done
+        finally:
+            await monitor.aclose()
 
     # -- children -------------------------------------------------------------------------------------------
 
@@ -244,6 +248,9 @@ class Supervisor:
 
     def ready(self) -> bool:
         return all(slot.ready for slot in self.slots)
+
+    def alive_count(self) -> int:
+        return sum(slot.alive for slot in self.slots)
 
     def reports(self) -> list[dict[str, Any]]:
         """Every counter report there is: current processes and the ones they replaced."""

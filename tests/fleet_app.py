@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 
-from fastworker import App, Message
+from fastworker import App, Message, Reject
 
 STREAM = os.environ.get("FLEET_STREAM", "fleet:jobs")
 GROUP = os.environ.get("FLEET_GROUP", "fleet")
@@ -17,6 +17,7 @@ RESULTS = os.environ.get("FLEET_RESULTS", "fleet:results")
 CALLS_DIR = os.environ.get("FLEET_CALLS_DIR", "")
 DELAY_S = float(os.environ.get("FLEET_DELAY_S", "0"))
 CRASH_ON_START = os.environ.get("FLEET_CRASH_ON_START") == "1"
+REJECT_EVERY = int(os.environ.get("FLEET_REJECT_EVERY", "0"))  # dead-letter jobs whose number divides by this
 
 app = App()
 _calls: list[int] = []
@@ -40,4 +41,6 @@ async def handle(msg: Message) -> None:
     if DELAY_S:
         await asyncio.sleep(DELAY_S)
     os.write(_calls_fd(), msg.payload["job_id"].encode() + b"\n")
+    if REJECT_EVERY and int(msg.payload["job_id"].rsplit("-", 1)[1]) % REJECT_EVERY == 0:
+        raise Reject("rejected by the test")
     msg.emit(RESULTS, {"job_id": msg.payload["job_id"]})

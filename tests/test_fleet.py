@@ -214,3 +214,63 @@ def test_cli_bad_flag_value_is_one_line_and_exit_code(fleet: Fleet) -> None:
                           check=False, capture_output=True, text=True, env=fleet.env, cwd=REPO, timeout=30)
     assert done.returncode == ExitCode.CONFIG
     assert done.stderr == "fastworker: error: --processes: expected an integer, got 'two'\n"
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError:
+        return 0, ""
+
+
+def test_fleet_metrics_count_what_was_sent(fleet: Fleet) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from fastworker.server import free_port
+
+    n, every = 3_000, 10
+    fleet.publish(n)
+    fleet.env["FLEET_REJECT_EVERY"] = str(every)
+    port = free_port()
+    fleet.start("--processes", "2", "--http-port", str(port), "--http-host", "127.0.0.1",
+                "--sample-interval-s", "0.2")
+    fleet.wait(lambda: fleet.client.xlen(fleet.results) >= n - n // every, what="every result")
+    fleet.wait(lambda: _get(port, "/readyz")[0] == 200, what="ready")
+
+    def scraped() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        text = _get(port, "/metrics")[1]
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    def outcome(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str) -> float:
+        labels = (("group", fleet.group), ("outcome", name), ("stream", fleet.stream))
+        return samples.get(("fastworker_messages_total", labels), -1)
+
+    fleet.wait(lambda: outcome(scraped(), "acked") + outcome(scraped(), "dead") == n, timeout_s=20,
+               what="reports to reach the supervisor")
+    samples = scraped()
+    assert fleet.stop() == ExitCode.OK
+    assert outcome(samples, "received") == n
+    assert outcome(samples, "acked") == n - n // every
+    assert outcome(samples, "dead") == n // every
+    assert samples[("fastworker_workers_alive", ())] == 2
+    assert samples[("fastworker_handler_duration_seconds_count", (("group", fleet.group),
+                                                                  ("stream", fleet.stream)))] == n
+    assert samples[("fastworker_stream_length", (("stream", fleet.stream),))] == n
+
+
+def test_fleet_health_endpoints_answer(fleet: Fleet) -> None:
+    from fastworker.server import free_port
+
+    port = free_port()
+    fleet.start("--processes", "1", "--http-port", str(port), "--http-host", "127.0.0.1")
+    fleet.wait(lambda: _get(port, "/healthz")[0] == 200, what="healthy")
+    fleet.wait(lambda: _get(port, "/readyz")[0] == 200, what="ready")
+    assert _get(port, "/nope")[0] == 404
+    assert fleet.stop() == ExitCode.OK
