@@ -72,7 +72,7 @@ def test_trim_removes_only_what_every_group_acknowledged(server: EmbeddedServer,
     code, out, _ = cli(capsys, "trim", stream, "--redis-url", server.url)
     assert code == ExitCode.OK
     assert out.splitlines()[0] == (f"removed 4 entries of {stream} below {ids[4]} "
-                                   "(limited by group b: entries after its last delivered id)")
+                                   "(limited by: group b: entries after its last delivered id)")
     assert out.splitlines()[1].startswith("length 10 -> 6, memory ")
     assert ids_of(r, stream) == ids[4:]
 
@@ -100,7 +100,7 @@ def test_trim_retain_keeps_the_newest_entries(server: EmbeddedServer, r: redis.R
     read_and_ack(r, stream, "g", 10, 10)
     code, out, _ = cli(capsys, "trim", stream, "--redis-url", server.url, "--retain", "3")
     assert code == ExitCode.OK
-    assert "(limited by retain the newest 3 entries)" in out
+    assert "(limited by: retain the newest 3 entries)" in out
     assert ids_of(r, stream) == ids[7:]
 
 
@@ -124,7 +124,7 @@ def test_trim_dry_run_removes_nothing(server: EmbeddedServer, r: redis.Redis, ui
     code, out, _ = cli(capsys, "trim", stream, "--redis-url", server.url, "--dry-run")
     assert code == ExitCode.OK
     assert out.splitlines()[:2] == [
-        f"would remove 4 entries of {stream} below {ids[4]} (limited by group b: entries after its last delivered "
+        f"would remove 4 entries of {stream} below {ids[4]} (limited by: group b: entries after its last delivered "
         "id); length 10 -> 6", "dry run: nothing changed"]
     assert ids_of(r, stream) == ids
 

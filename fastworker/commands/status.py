@@ -168,7 +168,7 @@ def _groups_table(snap: Snapshot) -> str:
             oldest = "-"
             if g.oldest_pending_id is not None:
                 oldest = (f"{g.oldest_pending_id} ({format_age(g.oldest_pending_age_ms)} old, idle "
-                          f"{format_age(g.oldest_pending_idle_ms)}, {g.oldest_pending_deliveries} deliveries, "
+                          f"{format_age(g.oldest_pending_idle_ms)}, delivered {g.oldest_pending_deliveries}x, "
                           f"{g.oldest_pending_consumer})")
             rows.append((s.name, g.name, len(g.consumers), g.pending, "unknown" if g.lag is None else g.lag,
                          g.last_delivered_id, oldest))

@@ -56,14 +56,14 @@ def render_trim(result: TrimResult) -> str:
         lines = [f"nothing to trim in {result.stream}: its oldest entry is still needed ({result.limited_by})"]
     elif result.dry_run:
         lines = [f"would remove {result.removed} entries of {result.stream} below {result.minid} "
-                 f"(limited by {result.limited_by}); length {result.length_before} -> {result.length_after}",
+                 f"(limited by: {result.limited_by}); length {result.length_before} -> {result.length_after}",
                  "dry run: nothing changed"]
     else:
         freed = None
         if result.memory_before is not None and result.memory_after is not None:
             freed = result.memory_before - result.memory_after
         lines = [f"removed {result.removed} entries of {result.stream} below {result.minid} "
-                 f"(limited by {result.limited_by})",
+                 f"(limited by: {result.limited_by})",
                  f"length {result.length_before} -> {result.length_after}, memory "
                  f"{format_bytes(result.memory_before)} -> {format_bytes(result.memory_after)} "
                  f"(freed {format_bytes(freed)})" + (", server checked acks (ACKED)" if result.acked_option else "")]

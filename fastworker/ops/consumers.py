@@ -46,7 +46,8 @@ async def remove_dead_consumers(streams: Streams, stream: str, group: str, idle_
         with translated(streams.url):
             reply = int(await script(keys=[stream], args=[group, consumer.name]))
         if reply < 0:
-            logger.info("kept consumer %s of group %s on %s: it took pending entries", consumer.name, group, stream)
+            logger.info("kept consumer stream=%s group=%s consumer=%s: it took pending entries", stream, group,
+                        consumer.name)
             continue
         removed.append(consumer.name)
         logger.info("removed dead consumer stream=%s group=%s consumer=%s idle_ms=%d", stream, group, consumer.name,

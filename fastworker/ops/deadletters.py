@@ -171,7 +171,8 @@ async def requeue_dead_letters(streams: Streams, dead_stream: str, ids: Sequence
         outcome = await _requeue_one(streams, dead_stream, dead_id, default_source)
         if outcome[0] == "requeued":
             result.requeued.append((dead_id, outcome[1], outcome[2]))
-            logger.debug("requeued dead letter %s of %s to %s as %s", dead_id, dead_stream, outcome[1], outcome[2])
+            logger.debug("requeued dead letter stream=%s id=%s to=%s new_id=%s", dead_stream, dead_id, outcome[1],
+                         outcome[2])
         else:
             result.skipped.append((dead_id, outcome[1]))
     return result
@@ -209,5 +210,5 @@ async def purge_dead_letters(streams: Streams, dead_stream: str, ids: Sequence[s
         with translated(streams.url):
             deleted += int(await streams.redis.xdel(dead_stream, *ids[start:start + PAGE]))
     if deleted:
-        logger.info("purged %d dead letter(s) from %s", deleted, dead_stream)
+        logger.info("purged dead letters stream=%s count=%d", dead_stream, deleted)
     return deleted

@@ -21,7 +21,7 @@ from typing import Any
 import redis.exceptions as rex
 
 from fastworker.errors import ExitCode, FastworkerError
-from fastworker.streams import Streams, translated
+from fastworker.streams import Streams, translate, translated
 
 logger = logging.getLogger(__name__)
 
@@ -192,16 +192,24 @@ async def inspect_stream(streams: Streams, name: str, dead_letter_suffix: str = 
     kind, info, groups, memory, (seconds, micros) = replies[:5]
     now_ms = int(seconds) * 1000 + int(micros) // 1000
     dead_letters = _dead_letters(replies[5]) if dead_stream is not None else None
-    if _text(kind) != "stream":
-        return StreamInfo(name, False, is_dead, 0, None, None, None, None, None, [], dead_stream, dead_letters)
-    for reply in (info, groups):
-        if isinstance(reply, Exception):
-            raise reply  # the key is a stream: any error here is real (permissions, say)
+    missing = StreamInfo(name, False, is_dead, 0, None, None, None, None, None, [], dead_stream, dead_letters)
+    url = streams.url
+    if _failed(kind, url) or _text(kind) != "stream" or _failed(info, url) or _failed(groups, url):
+        return missing
     first_id, last_id = _entry_id(info.get("first-entry")), _entry_id(info.get("last-entry"))
     group_infos = await _groups(streams, name, groups, dead_after_ms, now_ms)
     return StreamInfo(name, True, is_dead, int(info["length"]), first_id, last_id, age_ms(first_id, now_ms),
                       age_ms(last_id, now_ms), None if isinstance(memory, Exception) else _int_or_none(memory),
                       group_infos, dead_stream, dead_letters)
+
+
+def _failed(reply: Any, url: str) -> bool:
+    """True when `reply` says the key is gone (deleted since the previous command); raises any other error."""
+    if not isinstance(reply, Exception):
+        return False
+    if "no such key" in str(reply).lower():
+        return True
+    raise translate(reply, url)
 
 
 def _dead_letters(reply: Any) -> int | None:
@@ -223,9 +231,17 @@ async def _groups(streams: Streams, stream: str, groups: list[dict[str, Any]], d
             for group in groups:
                 pipe.xinfo_consumers(stream, group["name"])
                 pipe.xpending_range(stream, group["name"], "-", "+", 1)
-            replies = await pipe.execute()
-    return [_group(group, replies[2 * index], replies[2 * index + 1], dead_after_ms, now_ms)
-            for index, group in enumerate(groups)]
+            replies = await pipe.execute(raise_on_error=False)
+    infos = []
+    for index, group in enumerate(groups):
+        consumers, oldest = replies[2 * index], replies[2 * index + 1]
+        if isinstance(consumers, Exception) or isinstance(oldest, Exception):
+            # Deleted since XINFO GROUPS (NOGROUP): leave it out; anything else is a real error.
+            if "NOGROUP" in str(consumers) or "NOGROUP" in str(oldest):
+                continue
+            raise translate(consumers if isinstance(consumers, Exception) else oldest, streams.url)
+        infos.append(_group(group, consumers, oldest, dead_after_ms, now_ms))
+    return infos
 
 
 def _group(group: dict[str, Any], consumers: list[dict[str, Any]], oldest: list[dict[str, Any]],
