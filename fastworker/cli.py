@@ -29,6 +29,8 @@ COMMAND_MODULES = (
     "fastworker.commands.dlq",
     "fastworker.commands.replay",
     "fastworker.commands.trim",
+    "fastworker.commands.publish",
+    "fastworker.commands.tail",
 )
 
 CONNECTION_FIELDS = ("redis_url", "socket_timeout_s")

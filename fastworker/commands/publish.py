@@ -1,0 +1,178 @@
+"""`fastworker publish STREAM`: publish one entry from flags, or many from a file or stdin of JSON lines.
+
+Bulk input is read, validated and published one line at a time through `Publisher.publish_stream`, so memory stays
+flat for any input size. Each line's JSON text is published as it was written (it is parsed only to validate it).
+A malformed line stops the publish: every line before it is published, none after it, and the error names the line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Iterator
+from typing import IO, Any
+
+import orjson
+import uvloop
+
+from fastworker.cli import add_connection_flags, settings_from_args
+from fastworker.errors import ExitCode, FastworkerError
+from fastworker.publisher import Publisher
+
+PROGRESS_INTERVAL_S = 0.2
+
+EPILOG = """\
+input:
+  --json and --field publish one entry: the document in the `data` field, the fields beside it.
+  --file PATH (or - for stdin) publishes one entry per line of JSON lines; blank lines are skipped and
+  --field adds its fields to every entry. A malformed line stops the publish with an error naming the line:
+  every line before it is published, none after it (use --check to validate a file without publishing).
+
+output:
+  the entry ids, one per line, in input order (with --quiet only their count); a progress line on stderr
+  when it is a terminal.
+"""
+
+
+class InputError(FastworkerError):
+    """The input to publish is malformed (a line of a JSON lines file, for one)."""
+
+
+def _json(text: str) -> orjson.Fragment:
+    """The document, validated, as a Fragment: published as written (and `null` stays a document, not "none")."""
+    try:
+        orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    return orjson.Fragment(text.strip())
+
+
+def _field(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
+def register(sub: Any) -> None:
+    parser = sub.add_parser(
+        "publish", help="publish entries to a stream: one from --json/--field, or JSON lines from --file",
+        description="Publish entries to a stream, with the app's conventions (JSON in a `data` field).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stream", metavar="STREAM", help="the stream to publish to")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--json", type=_json, metavar="DOCUMENT", help="a JSON document, published in `data`")
+    source.add_argument("--file", metavar="PATH", help="a file of JSON lines, one entry per line; - for stdin")
+    parser.add_argument("--field", type=_field, action="append", default=[], metavar="NAME=VALUE",
+                        help="a flat field (repeatable); with --file, added to every entry")
+    parser.add_argument("--check", action="store_true",
+                        help="with --file: validate every line and print how many entries it holds; publish nothing")
+    parser.add_argument("--quiet", "-q", action="store_true", help="print only the number of entries published")
+    add_connection_flags(parser)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    fields = dict(args.field)
+    if args.file is None and args.json is None and not fields:
+        raise InputError("nothing to publish: give --json, --field or --file (--file - reads stdin)")
+    if args.check and args.file is None:
+        raise InputError("--check needs --file")
+    if args.check:
+        with _open(args.file) as lines:
+            print(sum(1 for _ in _payloads(lines, args.file, checking=True)))
+        return ExitCode.OK
+    settings, _ = settings_from_args(args)
+    return int(uvloop.run(_publish(args, settings, fields)))
+
+
+async def _publish(args: argparse.Namespace, settings: Any, fields: dict[str, str]) -> int:
+    async with Publisher(settings) as publisher:
+        if args.file is None:
+            entry_id = await publisher.publish(args.stream, args.json, fields=fields)
+            print(1 if args.quiet else entry_id)
+            return ExitCode.OK
+        progress = Progress(sys.stderr) if sys.stderr.isatty() else None
+        with _open(args.file) as lines:
+            try:
+                count = await publisher.publish_stream(
+                    args.stream, _payloads(lines, args.file), fields=fields,
+                    on_ids=None if args.quiet else IdPrinter(), on_progress=progress)
+            finally:
+                if progress is not None:
+                    progress.close()
+    if args.quiet:
+        print(count)
+    return ExitCode.OK
+
+
+class IdPrinter:
+    """Prints entry ids as they are confirmed. If stdout goes away (`| head`), publishing goes on without them."""
+
+    def __init__(self) -> None:
+        self._broken = False
+
+    def __call__(self, ids: list[str]) -> None:
+        if ids and not self._broken:
+            try:
+                sys.stdout.write("\n".join(ids) + "\n")
+            except BrokenPipeError:
+                self._broken = True
+                # Nothing more can be written there, and Python's exit flush would complain about it.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _open(path: str) -> IO[bytes]:
+    if path == "-":
+        return sys.stdin.buffer
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _payloads(lines: IO[bytes], name: str, checking: bool = False) -> Iterator[orjson.Fragment]:
+    """Each non-blank line, validated, as a Fragment: its JSON text is published as written, not re-encoded."""
+    where = "stdin" if name == "-" else name
+    published = 0
+    outcome = "" if checking else "; the {} entries before it were published, none from this line on"
+    for number, line in enumerate(lines, start=1):
+        text = line.strip()
+        if not text:
+            continue
+        try:
+            orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            raise InputError(f"{where}, line {number}: not valid JSON ({exc}){outcome.format(published)}") from None
+        published += 1
+        yield orjson.Fragment(text)
+
+
+class Progress:
+    """A one-line count and rate on a terminal, redrawn at most every PROGRESS_INTERVAL_S."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self._out = out
+        self._started = time.monotonic()
+        self._drawn = 0.0
+        self._count = 0
+
+    def __call__(self, count: int) -> None:
+        self._count = count
+        now = time.monotonic()
+        if now - self._drawn >= PROGRESS_INTERVAL_S:
+            self._drawn = now
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        rate = self._count / max(now - self._started, 1e-9)
+        self._out.write(f"\rpublished {self._count:,} entries ({rate:,.0f}/s)  ")
+        self._out.flush()
+
+    def close(self) -> None:
+        if self._count:
+            self._draw(time.monotonic())
+            self._out.write("\n")
+            self._out.flush()
