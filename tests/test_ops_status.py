@@ -223,6 +223,18 @@ async def test_remove_dead_consumers_never_deletes_a_consumer_with_pending(
     assert [c["name"] for c in await rc.xinfo_consumers(stream, "g")] == [b"owner"]
 
 
+async def test_remove_dead_consumers_of_a_missing_group_is_a_no_op(server: EmbeddedServer, rc: aioredis.Redis,
+                                                                   uid: str) -> None:
+    stream = f"{uid}:jobs"
+    streams = Streams(make_settings(server, uid))
+    try:
+        assert await remove_dead_consumers(streams, stream, "g", idle_ms=0) == []  # no stream yet
+        await rc.xadd(stream, {"data": "{}"})
+        assert await remove_dead_consumers(streams, stream, "g", idle_ms=0) == []  # no group yet
+    finally:
+        await streams.aclose()
+
+
 def test_health_exits_zero_when_required_groups_exist(server: EmbeddedServer, r: redis.Redis, uid: str,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     stream = f"{uid}:jobs"

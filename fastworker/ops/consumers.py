@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 
+import redis.exceptions as rex
+
 from fastworker.ops.inspect import ConsumerInfo
 from fastworker.streams import Streams, translated
 
@@ -25,9 +27,15 @@ return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 
 
 async def dead_consumers(streams: Streams, stream: str, group: str, idle_ms: int) -> list[ConsumerInfo]:
-    """Consumers of `group` with zero pending entries, idle for longer than `idle_ms`."""
+    """Consumers of `group` with zero pending entries, idle for longer than `idle_ms` (none when the stream or
+    group does not exist)."""
     with translated(streams.url):
-        consumers = await streams.redis.xinfo_consumers(stream, group)
+        try:
+            consumers = await streams.redis.xinfo_consumers(stream, group)
+        except rex.ResponseError as exc:
+            if str(exc).startswith("NOGROUP") or "no such key" in str(exc).lower():
+                return []
+            raise
     found = []
     for consumer in consumers:
         name = consumer["name"].decode(errors="replace") if isinstance(consumer["name"], bytes) else consumer["name"]
@@ -46,10 +54,10 @@ async def remove_dead_consumers(streams: Streams, stream: str, group: str, idle_
         with translated(streams.url):
             reply = int(await script(keys=[stream], args=[group, consumer.name]))
         if reply < 0:
-            logger.info("kept consumer stream=%s group=%s consumer=%s: it took pending entries", stream, group,
+            logger.debug("kept consumer stream=%s group=%s consumer=%s: it took pending entries", stream, group,
                         consumer.name)
             continue
         removed.append(consumer.name)
-        logger.info("removed dead consumer stream=%s group=%s consumer=%s idle_ms=%d", stream, group, consumer.name,
+        logger.debug("removed dead consumer stream=%s group=%s consumer=%s idle_ms=%d", stream, group, consumer.name,
                     consumer.idle_ms)
     return removed

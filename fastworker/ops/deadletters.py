@@ -210,5 +210,5 @@ async def purge_dead_letters(streams: Streams, dead_stream: str, ids: Sequence[s
         with translated(streams.url):
             deleted += int(await streams.redis.xdel(dead_stream, *ids[start:start + PAGE]))
     if deleted:
-        logger.info("purged dead letters stream=%s count=%d", dead_stream, deleted)
+        logger.debug("purged dead letters stream=%s count=%d", dead_stream, deleted)
     return deleted

@@ -91,7 +91,7 @@ async def replay(streams: Streams, plan: ReplayPlan) -> list[str]:
         if len(page) < PAGE:
             break
         cursor = "(" + _text(page[-1][0])
-    logger.info("replayed stream=%s first=%s last=%s to=%s count=%d", plan.stream, plan.first_id, plan.last_id,
+    logger.debug("replayed stream=%s first=%s last=%s to=%s count=%d", plan.stream, plan.first_id, plan.last_id,
                 plan.to_stream, len(new_ids))
     return new_ids
 
@@ -129,5 +129,5 @@ async def reset_group(streams: Streams, plan: ResetPlan) -> None:
     """XGROUP SETID: the group's next read returns the entries after `plan.new_id`."""
     with translated(streams.url):
         await streams.redis.xgroup_setid(plan.stream, plan.group, plan.new_id)
-    logger.info("moved group cursor stream=%s group=%s from=%s to=%s", plan.stream, plan.group, plan.current_id,
+    logger.debug("moved group cursor stream=%s group=%s from=%s to=%s", plan.stream, plan.group, plan.current_id,
                 plan.new_id)

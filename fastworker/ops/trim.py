@@ -156,7 +156,7 @@ async def safe_trim(streams: Streams, stream: str, retain_count: int = 0, retain
     with translated(streams.url):
         removed = int(await _command(streams, "XTRIM", stream, "MINID", "=", minid, *(("ACKED",) if acked else ())))
     after = await _facts(streams, stream)
-    logger.info("trimmed stream=%s minid=%s removed=%d acked_option=%s", stream, minid, removed, acked)
+    logger.debug("trimmed stream=%s minid=%s removed=%d acked_option=%s", stream, minid, removed, acked)
     return TrimResult(stream, minid, bounds, removed, before[0], after[0], before[1], after[1], acked, False)
 
 
