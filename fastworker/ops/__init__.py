@@ -22,9 +22,9 @@ from fastworker.ops.inspect import (
     StreamInfo,
     check_health,
     inspect_stream,
+    list_streams,
     missing_groups,
     snapshot,
-    stream_names,
 )
 from fastworker.ops.replay import ReplayPlan, ResetPlan, plan_replay, plan_reset, replay, reset_group
 from fastworker.ops.trim import TrimRefused, TrimResult, safe_trim, supports_acked_trim
@@ -47,6 +47,7 @@ __all__ = [
     "get_dead_letter",
     "inspect_stream",
     "list_dead_letters",
+    "list_streams",
     "missing_groups",
     "plan_replay",
     "plan_reset",
@@ -57,6 +58,5 @@ __all__ = [
     "reset_group",
     "safe_trim",
     "snapshot",
-    "stream_names",
     "supports_acked_trim",
 ]

@@ -148,7 +148,7 @@ class Snapshot:
 
 # --- gathering ----------------------------------------------------------------------------------------------------
 
-async def stream_names(streams: Streams, match: str | None = None) -> list[str]:
+async def list_streams(streams: Streams, match: str | None = None) -> list[str]:
     """Every stream key on the server (SCAN TYPE stream), sorted."""
     with translated(streams.url):
         names = {_text(key) async for key in streams.redis.scan_iter(match=match, count=1000, _type="stream")}
@@ -159,14 +159,14 @@ def is_dead_letter_stream(name: str, dead_letter_suffix: str) -> bool:
     return name.endswith(dead_letter_suffix) and len(name) > len(dead_letter_suffix)
 
 
-async def snapshot(streams: Streams, stream_names_: Sequence[str] | None = None, *,
+async def snapshot(streams: Streams, stream_names: Sequence[str] | None = None, *,
                    dead_letter_suffix: str = ":dead", dead_after_ms: int = DEFAULT_DEAD_AFTER_MS) -> Snapshot:
     """Everything `fastworker status` shows, for the named streams (default: every stream on the server).
 
     A named stream that does not exist is reported with `exists=False` rather than raising, so a status of an
     app whose producers have not written yet still works.
     """
-    names = list(stream_names_) if stream_names_ is not None else await stream_names(streams)
+    names = list(stream_names) if stream_names is not None else await list_streams(streams)
     server, version = await streams.server_version()
     now_ms = await server_time_ms(streams)
     infos = [await inspect_stream(streams, name, dead_letter_suffix, dead_after_ms) for name in names]
