@@ -24,10 +24,32 @@ from fastworker.streams import Settlement
 logger = logging.getLogger(__name__)
 
 Outcome = BaseException | None
+INLINE_BUDGET_S = 0.002  # how long the first lane runs alone before the others open
+MIN_SYNC_CHUNK = 64  # messages per thread-pool job at least: a hop to a thread costs tens of microseconds
 
 
 class HandlerTimeout(Exception):
     """An async handler call ran longer than handler_timeout_s and was cancelled."""
+
+
+class _Lane:
+    """A run of handler calls in one task, as the timeout watchdog sees it."""
+
+    __slots__ = ("calls", "expired", "seen", "strikes", "task")
+
+    def __init__(self, task: asyncio.Task[Any] | None) -> None:
+        self.task = task
+        self.calls = 0  # moves at every call: cheaper than a timer per call
+        self.seen = 0
+        self.strikes = 0
+        self.expired = False
+
+    def clear_expiry(self, timeout_s: float) -> HandlerTimeout:
+        self.expired = False
+        self.strikes = 0
+        if self.task is not None:
+            self.task.uncancel()
+        return HandlerTimeout(f"handler ran longer than {timeout_s:g} s")
 
 
 class Dispatcher:
@@ -41,6 +63,8 @@ class Dispatcher:
         self.dead_letter_suffix = dead_letter_suffix
         self._slots = asyncio.Semaphore(concurrency)
         self._executor: ThreadPoolExecutor | None = None
+        self._lanes: set[_Lane] = set()
+        self._watchdog: asyncio.TimerHandle | None = None
 
     async def dispatch(self, group: str, handlers: Mapping[str, Handler],
                        batch: Mapping[str, list[Message]]) -> Settlement:
@@ -55,21 +79,24 @@ class Dispatcher:
 
     async def _stream(self, handler: Handler, messages: list[Message], settlement: Settlement) -> None:
         dead_stream = handler.stream + self.dead_letter_suffix
-        runnable = []
-        for message in messages:
+        limit = self.max_deliveries
+        unfit = [m for m in messages if m.error is not None or m.deliveries > limit]
+        runnable = [m for m in messages if m.error is None and m.deliveries <= limit] if unfit else messages
+        for message in unfit:
             if message.error is not None:
                 kind = "EntryDeleted" if not message.raw_fields else "DecodeError"
                 settlement.dead_letter(message, dead_stream, kind, message.error)
-            elif exhausted(message.deliveries, self.max_deliveries):
+            elif exhausted(message.deliveries, limit):
                 settlement.dead_letter(message, dead_stream, "MaxDeliveriesExceeded",
                                        f"delivered {message.deliveries} times without being settled")
-            else:
-                runnable.append(message)
         if not runnable:
             return
         started = time.perf_counter()
         outcomes = await self._run(handler, runnable)
         settlement.timings[handler.stream] = (time.perf_counter() - started, len(runnable))
+        if not any(outcomes):  # the common case: everything succeeded
+            settlement.ack_all(handler.stream, runnable)
+            return
         failures = []
         for message, outcome in zip(runnable, outcomes, strict=True):
             if outcome is None:
@@ -90,33 +117,74 @@ class Dispatcher:
             return await self._run_batch(handler, messages)
         outcomes: list[Outcome] = [None] * len(messages)
         pending = iter(enumerate(messages))
-        lane = self._async_lane if handler.is_async else self._sync_lane
-        lanes = min(self.concurrency, len(messages))
-        if lanes == 1:
-            await lane(handler.func, pending, outcomes)
-        else:
-            await asyncio.gather(*(lane(handler.func, pending, outcomes) for _ in range(lanes)))
+        if not handler.is_async:
+            lanes = min(self.concurrency, -(-len(messages) // MIN_SYNC_CHUNK))
+            await asyncio.gather(*(self._sync_lane(handler.func, pending, outcomes, lanes) for _ in range(lanes)))
+            return outcomes
+        # The first lane runs in the caller's task: handlers that do not really wait finish the whole batch here
+        # without a task being made. Only when it has run for INLINE_BUDGET_S do the other lanes open.
+        done = await self._async_lane(handler.func, pending, outcomes, INLINE_BUDGET_S)
+        left = len(messages) - done
+        if left:
+            lanes = min(self.concurrency, left)
+            await asyncio.gather(*(self._async_lane(handler.func, pending, outcomes) for _ in range(lanes)))
         return outcomes
 
-    async def _async_lane(self, func: Callable[[Message], Awaitable[Any]],
-                          pending: Any, outcomes: list[Outcome]) -> None:
+    async def _async_lane(self, func: Callable[[Message], Awaitable[Any]], pending: Any, outcomes: list[Outcome],
+                          budget_s: float | None = None) -> int:
+        """Call `func` on messages from the shared iterator, one after another; returns how many it handled.
+        With a budget, stops taking messages once the budget is spent."""
+        handled = 0
         async with self._slots:
-            for index, message in pending:
-                outcomes[index] = await self._call_async(func, message)
+            lane = _Lane(asyncio.current_task())
+            self._watch(lane)
+            deadline = time.perf_counter() + budget_s if budget_s is not None else None
+            try:
+                for index, message in pending:
+                    lane.calls += 1
+                    handled += 1
+                    try:
+                        await func(message)
+                    except asyncio.CancelledError:
+                        if not lane.expired:
+                            raise
+                        outcomes[index] = lane.clear_expiry(self.handler_timeout_s)
+                    except Exception as exc:  # user code: any failure is an outcome, never a crash
+                        outcomes[index] = exc
+                    else:
+                        if lane.expired:  # the handler swallowed our cancellation and returned
+                            outcomes[index] = lane.clear_expiry(self.handler_timeout_s)
+                    if deadline is not None and time.perf_counter() > deadline:
+                        break
+            finally:
+                self._lanes.discard(lane)
+        return handled
 
-    async def _call_async(self, func: Callable[[Message], Awaitable[Any]], message: Message) -> Outcome:
-        try:
-            async with asyncio.timeout(self.handler_timeout_s) as deadline:
-                await func(message)
-        except Exception as exc:  # user code: any failure is an outcome, never a crash
-            if isinstance(exc, TimeoutError) and deadline.expired():
-                return HandlerTimeout(f"handler ran longer than {self.handler_timeout_s:g} s")
-            return exc
-        return None
+    def _watch(self, lane: _Lane) -> None:
+        self._lanes.add(lane)
+        if self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().call_later(self.handler_timeout_s / 2, self._check_lanes)
 
-    async def _sync_lane(self, func: Callable[[Message], Any], pending: Any, outcomes: list[Outcome]) -> None:
+    def _check_lanes(self) -> None:
+        """The handler timeout, enforced without a timer per call: a lane whose call counter has not moved for
+        two checks (half a timeout apart) has had one call running for between 1 and 1.5 timeouts; cancel it.
+        The cancellation lands inside that call, since the lane's task is suspended there."""
+        self._watchdog = None
+        for lane in self._lanes:
+            if lane.calls != lane.seen:
+                lane.seen, lane.strikes = lane.calls, 0
+                continue
+            lane.strikes += 1
+            if lane.strikes >= 2 and not lane.expired and lane.task is not None:
+                lane.expired = True
+                lane.task.cancel()
+        if self._lanes:
+            self._watchdog = asyncio.get_running_loop().call_later(self.handler_timeout_s / 2, self._check_lanes)
+
+    async def _sync_lane(self, func: Callable[[Message], Any], pending: Any, outcomes: list[Outcome],
+                         lanes: int) -> None:
         # Take this lane's share up front so one pool job handles many messages without an await per message.
-        chunk = list(pending_share(pending, len(outcomes), self.concurrency))
+        chunk = list(pending_share(pending, len(outcomes), lanes))
         if not chunk:
             return
         async with self._slots:

@@ -27,7 +27,7 @@ from fastworker.config import Settings
 from fastworker.errors import FastworkerError
 from fastworker.ops.consumers import remove_dead_consumers
 from fastworker.ops.inspect import Snapshot, check_health, snapshot
-from fastworker.ops.trim import safe_trim
+from fastworker.ops.trim import TrimRefused, safe_trim
 from fastworker.stats import BATCH_BUCKETS, DURATION_BUCKETS_S, OUTCOMES
 from fastworker.streams import Streams
 
@@ -87,15 +87,18 @@ class Monitor:
         while True:
             try:
                 await job()
-            except FastworkerError as exc:  # the server is down: readiness says so, the workers ride it out
-                self.ready_reason = str(exc)
+            except FastworkerError as exc:  # the server is down: the workers ride it out, so do we
                 logger.debug("%s failed: %s", job.__name__, exc)
             await asyncio.sleep(interval_s)
 
     async def _sample(self) -> None:
         assert self._streams is not None
         pairs = [(handler.stream, handler.group) for handler in self.app.handlers]
-        health = await check_health(self._streams, pairs)
+        try:
+            health = await check_health(self._streams, pairs)
+        except FastworkerError as exc:
+            self.ready_reason = str(exc)
+            raise
         self.ready_reason = health.reason
         self.sample = await snapshot(self._streams, self.app.streams(),
                                      dead_letter_suffix=self.settings.dead_letter_suffix)
@@ -103,7 +106,11 @@ class Monitor:
     async def _trim(self) -> None:
         assert self._streams is not None
         for stream in self.app.streams():
-            result = await safe_trim(self._streams, stream, retain_ms=int(self.settings.trim_retain_s * 1000))
+            try:
+                result = await safe_trim(self._streams, stream, retain_ms=int(self.settings.trim_retain_s * 1000))
+            except TrimRefused as exc:  # e.g. the stream does not exist yet
+                logger.debug("trim skipped stream=%s: %s", stream, exc)
+                continue
             if result.removed:
                 logger.info("trimmed stream=%s removed=%d length=%d limited_by=%s", stream, result.removed,
                             result.length_after, result.limited_by)

@@ -1,0 +1,1 @@
+"""Benchmarks of fastworker: end-to-end throughput and latency, peers side by side, hot-path micro-benchmarks."""

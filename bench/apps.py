@@ -1,0 +1,33 @@
+"""Apps for the benchmarks, configured by environment so that spawned worker processes build the same one."""
+
+from __future__ import annotations
+
+import os
+
+from fastworker import App, Message
+
+STREAM = os.environ.get("BENCH_STREAM", "bench:jobs")
+GROUP = os.environ.get("BENCH_GROUP", "bench")
+
+noop = App("noop")
+
+
+@noop.handler(STREAM, group=GROUP)
+async def handle(msg: Message) -> None:
+    return None
+
+
+noop_sync = App("noop-sync")
+
+
+@noop_sync.handler(STREAM, group=GROUP)
+def handle_sync(msg: Message) -> None:
+    return None
+
+
+noop_batch = App("noop-batch")
+
+
+@noop_batch.handler(STREAM, group=GROUP, batch=True)
+async def handle_batch(batch: list[Message]) -> None:
+    return None
