@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-check clean
+.PHONY: demo test lint bench bench-check bench-baseline clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,19 @@ test: lint
 	elif [ -n "$$CI" ]; then echo "CI needs redis-server installed" >&2; exit 1; \
 	else echo "redis-server not found: server tests ran on Valkey only"; fi
 
+# The whole table (throughput, peers, latency): minutes, on a quiet machine.
 bench: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python -m bench
+
+# Hot-path micro-benchmarks against the stored baseline: fails when one got slower by more than the margin.
+BENCH_GATE := $(BIN)/pytest bench/test_hotpath.py -p no:cacheprovider --benchmark-storage=file://bench/baseline \
+	--benchmark-columns=min,median,ops --benchmark-sort=name
+bench-check: $(STAMP)
+	$(BENCH_GATE) --benchmark-compare --benchmark-compare-fail=min:25%
+
+bench-baseline: $(STAMP)
+	$(BENCH_GATE) --benchmark-save=baseline
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

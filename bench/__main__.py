@@ -1,0 +1,224 @@
+"""`python -m bench` (or `make bench`): the whole benchmark table on the embedded server.
+
+Throughput (msgs/s from the group's first read to the last ack, every entry verified acked and the PEL empty) for
+batch sizes and process counts, with a no-op handler and with the demo handlers; the peers side by side on the same
+server and payload (bench/peers.py); latency at a steady offered rate; worker memory. Prints a markdown table with
+the machine and versions and writes bench/results/latest.json. Medians of --repeat runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from array import array
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+
+from bench.common import fastworker_fleet, median, reset, time_drain, versions
+from fastworker.server import EmbeddedServer
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+ENV = {"PYTHONPATH": str(ROOT)}
+
+
+def worker_rss_mb(supervisor_pid: int) -> float:
+    """The largest resident set of the supervisor's worker processes, in MiB."""
+    largest = 0.0
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            text = Path(stat).read_text()
+            comm, rest = text.split("(", 1)[1].rsplit(")", 1)
+            if not comm.startswith("fw-worker") or int(rest.split()[1]) != supervisor_pid:
+                continue
+            status = Path(stat).with_name("status").read_text()
+        except (OSError, ValueError):
+            continue
+        rss_kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS"))
+        largest = max(largest, rss_kb / 1024)
+    return largest
+
+
+def run_fastworker(url: str, app: str, stream: str, group: str, n: int, processes: int, batch: int,
+                   extra: tuple[str, ...] = ()) -> tuple[float, float]:
+    """(seconds to drain n pre-filled entries, largest worker RSS in MiB seen at the end)."""
+    client = redis.Redis.from_url(url)
+    fleet = fastworker_fleet(url, app, processes, batch, {**ENV, "BENCH_STREAM": stream, "BENCH_GROUP": group},
+                             extra)
+    try:
+        seconds = time_drain(client, stream, group, n, alive=lambda: fleet.poll() is None)
+        rss = worker_rss_mb(fleet.pid)
+    finally:
+        fleet.send_signal(signal.SIGTERM)
+        fleet.wait(60)
+        client.close()
+    return seconds, rss
+
+
+def throughput(url: str, n: int, repeat: int, batches: list[int], processes: list[int]) -> list[dict[str, Any]]:
+    client = redis.Redis.from_url(url)
+    rows = []
+    cases = [("no-op", "bench.apps:noop", "bench:jobs", "bench"),
+             ("demo", "fastworker.demo:app", "betterbundle:data-jobs", "data-processors")]
+    for label, app, stream, group in cases:
+        for procs in processes:
+            for batch in batches:
+                runs, rss = [], 0.0
+                for _ in range(repeat):
+                    client.delete("betterbundle:analysis-results")
+                    reset(client, stream, group, n)
+                    seconds, peak = run_fastworker(url, app, stream, group, n, procs, batch)
+                    runs.append(n / seconds)
+                    rss = max(rss, peak)
+                rows.append({"handler": label, "processes": procs, "batch": batch, "msgs_s": median(runs),
+                             "runs": runs, "worker_rss_mb": rss})
+                print(f"fastworker {label:5} processes={procs} batch={batch:>4}: {median(runs):>9,.0f} msgs/s "
+                      f"(runs {', '.join(f'{r:,.0f}' for r in runs)}), worker RSS {rss:.0f} MiB", flush=True)
+    client.close()
+    return rows
+
+
+def peers(url: str, n: int, repeat: int, processes: list[int]) -> list[dict[str, Any]]:
+    try:
+        from bench.peers import PEERS, PeerUnavailable
+    except ImportError as exc:
+        print(f"peers skipped: {exc}")
+        return []
+    client = redis.Redis.from_url(url)
+    rows = []
+    for name, run in PEERS.items():
+        for procs in processes:
+            runs = []
+            try:
+                for _ in range(repeat):
+                    reset(client, "bench:peer", "bench", n, create_group=not name.startswith("taskiq"))
+                    runs.append(n / run(url, "bench:peer", "bench", n, procs))
+            except PeerUnavailable as exc:
+                print(f"{name}: skipped ({exc})")
+                break
+            except Exception as exc:  # a peer failing must not lose the rest of the table
+                print(f"{name} processes={procs}: failed: {type(exc).__name__}: {exc}")
+                continue
+            rows.append({"peer": name, "processes": procs, "msgs_s": median(runs), "runs": runs})
+            print(f"peer {name:18} processes={procs}: {median(runs):>9,.0f} msgs/s", flush=True)
+    client.close()
+    return rows
+
+
+def latency(url: str, rate: int, seconds: float) -> dict[str, Any]:
+    """p50/p99/max from XADD to handler start at a steady offered rate, default flags, one worker process."""
+    client = redis.Redis.from_url(url)
+    stream, group = "bench:latency", "bench"
+    client.delete(stream)
+    out = tempfile.mkdtemp(prefix="fastworker-latency-")
+    fleet = fastworker_fleet(url, "bench.latency_app:app", 1, 500,
+                             {**ENV, "BENCH_STREAM": stream, "BENCH_GROUP": group, "BENCH_LATENCY_DIR": out})
+    try:
+        deadline = time.monotonic() + 30
+        while not client.exists(stream) or not client.xinfo_groups(stream):
+            if time.monotonic() > deadline or fleet.poll() is not None:
+                raise RuntimeError("the latency fleet did not start")
+            time.sleep(0.05)
+        time.sleep(0.5)
+        sent = _offer(client, stream, rate, seconds)
+        drain_deadline = time.monotonic() + 30
+        while int(client.xinfo_groups(stream)[0]["entries-read"] or 0) < sent:
+            if time.monotonic() > drain_deadline:
+                raise RuntimeError("latency run did not drain")
+            time.sleep(0.05)
+    finally:
+        fleet.send_signal(signal.SIGTERM)
+        fleet.wait(60)
+        client.close()
+    samples = array("d")
+    for path in glob.glob(os.path.join(out, "latency-*.bin")):
+        with open(path, "rb") as handle:
+            samples.frombytes(handle.read())
+    ordered = sorted(samples)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000  # noqa: E731
+    result = {"rate": rate, "seconds": seconds, "sent": sent, "samples": len(ordered), "p50_ms": pick(0.5),
+              "p99_ms": pick(0.99), "max_ms": ordered[-1] * 1000 if ordered else None}
+    print(f"latency at {rate:,}/s for {seconds:g} s: p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, "
+          f"max {result['max_ms']:.2f} ms ({len(ordered):,} samples)", flush=True)
+    return result
+
+
+def _offer(client: redis.Redis, stream: str, rate: int, seconds: float) -> int:
+    """Publish at `rate` entries/s in 1 ms ticks, each entry stamped with its send time."""
+    per_tick = max(1, rate // 1000)
+    started = time.perf_counter()
+    sent = 0
+    while time.perf_counter() - started < seconds:
+        pipe = client.pipeline(transaction=False)
+        now = time.time()
+        for _ in range(per_tick):
+            pipe.xadd(stream, {"data": orjson.dumps({"job_id": f"job_{sent}", "shop_id": "shop_4821", "t": now})})
+            sent += 1
+        pipe.execute()
+        ahead = sent / rate - (time.perf_counter() - started)
+        if ahead > 0:
+            time.sleep(ahead)
+    return sent
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [f"- {key}: {value}" for key, value in result["versions"].items()]
+    lines += ["", "| consumer | processes | batch | msgs/s |", "|---|---|---|---|"]
+    for row in result["throughput"]:
+        lines.append(f"| fastworker, {row['handler']} handler | {row['processes']} | {row['batch']} | "
+                     f"{row['msgs_s']:,.0f} |")
+    for row in result["peers"]:
+        lines.append(f"| {row['peer']} | {row['processes']} | | {row['msgs_s']:,.0f} |")
+    best = {procs: max((r["msgs_s"] for r in result["throughput"]
+                        if r["handler"] == "no-op" and r["processes"] == procs), default=0)
+            for procs in {r["processes"] for r in result["throughput"]}}
+    if result["peers"]:
+        lines += ["", "| fastworker (best batch, no-op) vs | processes | ratio |", "|---|---|---|"]
+        for row in result["peers"]:
+            if best.get(row["processes"]):
+                lines.append(f"| {row['peer']} | {row['processes']} | {best[row['processes']] / row['msgs_s']:.2f}x |")
+    if result.get("latency"):
+        lat = result["latency"]
+        lines += ["", f"Latency, XADD to handler start, {lat['rate']:,} msgs/s offered for {lat['seconds']:g} s: "
+                  f"p50 {lat['p50_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms, max {lat['max_ms']:.2f} ms"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--n", type=int, default=200_000, help="entries per run")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per case (the median is reported)")
+    parser.add_argument("--batches", default="100,500,1000,5000")
+    parser.add_argument("--processes", default=",".join(str(p) for p in sorted({1, 2, os.cpu_count() or 1})))
+    parser.add_argument("--latency-rate", type=int, default=20_000)
+    parser.add_argument("--latency-s", type=float, default=30)
+    parser.add_argument("--skip", default="", help="comma-separated: throughput, peers, latency")
+    args = parser.parse_args(argv)
+    skip = set(filter(None, args.skip.split(",")))
+    batches = [int(b) for b in args.batches.split(",")]
+    processes = [int(p) for p in args.processes.split(",")]
+    with EmbeddedServer() as server:
+        result: dict[str, Any] = {"versions": versions(server.version()), "n": args.n, "repeat": args.repeat}
+        print("\n".join(f"{k}: {v}" for k, v in result["versions"].items()), flush=True)
+        result["throughput"] = [] if "throughput" in skip else throughput(server.url, args.n, args.repeat, batches,
+                                                                           processes)
+        result["peers"] = [] if "peers" in skip else peers(server.url, args.n, args.repeat, processes)
+        result["latency"] = None if "latency" in skip else latency(server.url, args.latency_rate, args.latency_s)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(result, indent=2) + "\n")
+    print()
+    print(table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
