@@ -13,6 +13,7 @@ from fastworker.errors import (
     Retry,
 )
 from fastworker.message import Message
+from fastworker.publisher import Entry, PayloadError, Publisher, StreamTypeError, SyncPublisher
 from fastworker.server import EmbeddedServer
 from fastworker.worker import Worker, run
 
@@ -23,15 +24,20 @@ __all__ = [
     "AppImportError",
     "ConfigError",
     "EmbeddedServer",
+    "Entry",
     "ExitCode",
     "FastworkerError",
     "Handler",
     "Message",
+    "PayloadError",
+    "Publisher",
     "RedisAuthError",
     "RedisUnavailable",
     "Reject",
     "Retry",
     "Settings",
+    "StreamTypeError",
+    "SyncPublisher",
     "Worker",
     "__version__",
     "load_app",

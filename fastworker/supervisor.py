@@ -85,7 +85,7 @@ class Supervisor:
         self.restarts_total = 0
         self._stopping = False
         self._done: asyncio.Future[int] | None = None
-        self._notified_ready = False
+        self.all_ready = asyncio.Event()  # set once every worker process has reported ready
         self._fail: FastworkerError | None = None
         self.on_started: list[Any] = []  # callables run once the loop is up (the HTTP server hooks in here)
 
@@ -139,8 +139,8 @@ class Supervisor:
         slot.stats = payload
         if kind == "ready" and not slot.ready:
             slot.ready = True
-            if not self._notified_ready and all(s.ready for s in self.slots):
-                self._notified_ready = True
+            if not self.all_ready.is_set() and all(s.ready for s in self.slots):
+                self.all_ready.set()
                 notify_systemd("READY=1")
                 logger.info("all %d worker processes ready", len(self.slots))
 

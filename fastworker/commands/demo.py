@@ -13,17 +13,17 @@ import contextlib
 import random
 import sys
 import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import orjson
 import redis.asyncio as aioredis
 
 from fastworker import demo
 from fastworker.cli import add_settings_flags, flag_values
 from fastworker.config import load_settings
 from fastworker.errors import ExitCode
+from fastworker.publisher import Publisher
 from fastworker.server import EmbeddedServer
-from fastworker.streams import translated
 from fastworker.supervisor import Supervisor
 
 STREAMS = (demo.DATA_JOBS, demo.ML_TRAINING, demo.NOTIFICATIONS)
@@ -33,7 +33,7 @@ CHUNK = 500
 def register(sub: Any) -> None:
     parser = sub.add_parser("demo", help="publish sample jobs to an embedded server and process them with a fleet",
                             description=__doc__)
-    parser.add_argument("--jobs", type=int, default=30_000, help="jobs to publish over the three streams")
+    parser.add_argument("--jobs", type=int, default=100_000, help="jobs to publish over the three streams")
     parser.add_argument("--rate", type=float, default=0,
                         help="jobs per second the emulated app publishes (0: as fast as it can)")
     parser.add_argument("--fail-rate", type=float, default=0.001,
@@ -77,6 +77,7 @@ class AppEmulation:
         self.fail_rate = fail_rate
         self.timeout_s = timeout_s
         self.published = 0
+        self.published_by: dict[str, int] = {}
         self.failing = 0
         self.started = 0.0
         self.first_pass = 0.0  # when every job that can succeed had succeeded
@@ -85,29 +86,34 @@ class AppEmulation:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self, supervisor: Supervisor) -> None:
-        self._tasks = [asyncio.create_task(self._publish()), asyncio.create_task(self._watch(supervisor))]
+        self._tasks = [asyncio.create_task(self._publish(supervisor)), asyncio.create_task(self._watch(supervisor))]
 
-    async def _publish(self) -> None:
-        client = aioredis.Redis.from_url(self.url)
-        rng = random.Random(7)
+    async def _publish(self, supervisor: Supervisor) -> None:
+        """Publish the jobs round-robin over the three job streams, like the app would, at the chosen rate."""
+        await supervisor.all_ready.wait()  # time the fleet's work, not its start-up
         self.started = time.perf_counter()
-        try:
-            with translated(self.url):
-                for start in range(0, self.jobs, CHUNK):
-                    async with client.pipeline(transaction=False) as pipe:
-                        for index in range(start, min(start + CHUNK, self.jobs)):
-                            stream = STREAMS[index % 3]
-                            payload = demo.sample_payload(stream, index)
-                            if rng.random() < self.fail_rate:
-                                payload["simulate"] = "error" if index % 2 else "poison"
-                                self.failing += 1
-                            pipe.xadd(stream, {"data": orjson.dumps(payload)})
-                        await pipe.execute()
-                    self.published = min(start + CHUNK, self.jobs)
-                    if self.rate:
-                        await _pace(self.started, self.published, self.rate)
-        finally:
-            await client.aclose()
+        async with Publisher(self.url) as publisher:
+            await asyncio.gather(*(
+                publisher.publish_stream(stream, self._payloads(offset), on_progress=self._progress(stream))
+                for offset, stream in enumerate(STREAMS)))
+
+    async def _payloads(self, offset: int) -> AsyncIterator[dict[str, Any]]:
+        rng = random.Random(offset)
+        for index in range(offset, self.jobs, len(STREAMS)):
+            payload = demo.sample_payload(STREAMS[offset], index)
+            if rng.random() < self.fail_rate:
+                payload["simulate"] = "error" if index % 2 else "poison"
+                self.failing += 1
+            yield payload
+            if self.rate and index % CHUNK < len(STREAMS):
+                await _pace(self.started, index, self.rate)
+
+    def _progress(self, stream: str) -> Callable[[int], None]:
+        def count(published: int) -> None:
+            self.published_by[stream] = published
+            self.published = sum(self.published_by.values())
+
+        return count
 
     async def _watch(self, supervisor: Supervisor) -> None:
         deadline = time.monotonic() + self.timeout_s
