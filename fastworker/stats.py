@@ -62,8 +62,8 @@ class Stats:
             self._add(stream, group, "received", count)
             if claimed:
                 self._add(stream, group, "claimed", count)
-        for stream, ids in settlement.acks.items():
-            self._add(stream, group, "acked", len(ids) - settlement.dead_by_stream.get(stream, 0))
+        for stream, count in settlement.acked_by_stream().items():
+            self._add(stream, group, "acked", count)
         for stream, count in settlement.dead_by_stream.items():
             self._add(stream, group, "dead", count)
         for stream, count in settlement.retried_by_stream.items():

@@ -71,34 +71,69 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-class Settlement:
-    """What one batch's handling decided, to be written in one step: acks, results, dead letters."""
+# Settles the entries that publish something (results or a dead letter), atomically: an entry's outputs are
+# written only if its XACK removed it from the PEL, i.e. only by the consumer that settles it first. That is what
+# makes results exactly-once even when a slow batch was claimed by another consumer meanwhile and handled twice.
+# Every touched key is checked first, so a key of the wrong type fails the whole step before anything is written
+# (its entries stay pending, and end as dead letters once they run out of deliveries).
+# KEYS: every stream touched. ARGV: group, then per entry: stream, id, output count, then per output: stream,
+# field count, fields. Returns the number of entries this call settled.
+SETTLE_SCRIPT = """
+for _, key in ipairs(KEYS) do
+  local kind = redis.call('TYPE', key)['ok']
+  if kind ~= 'stream' and kind ~= 'none' then
+    return redis.error_reply('WRONGTYPE ' .. key .. ' holds a ' .. kind .. ', not a stream')
+  end
+end
+local group, i, settled = ARGV[1], 2, 0
+while i <= #ARGV do
+  local acked = redis.call('XACK', ARGV[i], group, ARGV[i + 1])
+  local outputs = tonumber(ARGV[i + 2])
+  i = i + 3
+  for _ = 1, outputs do
+    local count = tonumber(ARGV[i + 1])
+    if acked == 1 then
+      redis.call('XADD', ARGV[i], '*', unpack(ARGV, i + 2, i + 1 + count))
+    end
+    i = i + 2 + count
+  end
+  settled = settled + acked
+end
+return settled
+"""
 
-    __slots__ = ("acks", "dead", "dead_by_stream", "deleted_by_stream", "done", "group", "outputs",
-                 "retried_by_stream", "timings")
+
+class Settlement:
+    """What one batch's handling decided, to be written in one step: plain acks, and the entries whose
+    acknowledgement carries outputs (results or a dead letter), which are settled by SETTLE_SCRIPT."""
+
+    __slots__ = ("acks", "dead_by_stream", "deleted_by_stream", "done", "group", "records", "retried_by_stream",
+                 "settled", "timings")
 
     def __init__(self, group: str) -> None:
         self.group = group
         self.done = False  # written and confirmed by the server
         self.acks: dict[str, list[str | bytes]] = {}
-        self.outputs: list[tuple[str, list[FieldValue]]] = []
-        self.dead: list[tuple[str, list[FieldValue]]] = []
-        # Failures are rare, so they are counted as they happen; successes are counted from `acks` per batch.
+        self.records: list[tuple[str, str | bytes, list[tuple[str, list[FieldValue]]]]] = []
+        self.settled: int | None = None  # records the server settled (others were settled before, elsewhere)
+        # Failures are rare, so they are counted as they happen; successes are counted per batch.
         self.dead_by_stream: dict[str, int] = {}
         self.retried_by_stream: dict[str, int] = {}
         self.deleted_by_stream: dict[str, int] = {}
         self.timings: dict[str, tuple[float, int]] = {}  # stream -> (seconds in handlers, handler calls)
 
     def ack(self, message: Message) -> None:
-        self.acks.setdefault(message.stream, []).append(message.raw_id)
         if message.outputs:
-            self.outputs += message.outputs
+            self.records.append((message.stream, message.raw_id, message.outputs))
+        else:
+            self.acks.setdefault(message.stream, []).append(message.raw_id)
 
     def ack_all(self, stream: str, messages: list[Message]) -> None:
-        self.acks.setdefault(stream, []).extend([message.raw_id for message in messages])
-        for message in messages:
-            if message.outputs:
-                self.outputs += message.outputs
+        if any(message.outputs for message in messages):
+            for message in messages:
+                self.ack(message)
+        else:
+            self.acks.setdefault(stream, []).extend([message.raw_id for message in messages])
 
     def ack_ids(self, stream: str, ids: Iterable[str | bytes]) -> None:
         self.acks.setdefault(stream, []).extend(ids)
@@ -111,8 +146,7 @@ class Settlement:
             "fw:deliveries", message.deliveries, "fw:error_class", error_class, "fw:error", error[:4096],
             "fw:dead_at_ms", int(time.time() * 1000),
         ]
-        self.dead.append((dead_stream, fields))
-        self.acks.setdefault(message.stream, []).append(message.raw_id)
+        self.records.append((message.stream, message.raw_id, [(dead_stream, fields)]))
         _bump(self.dead_by_stream, message.stream)
 
     def retry(self, message: Message) -> None:
@@ -124,23 +158,44 @@ class Settlement:
         self.ack_ids(stream, ids)
         self.deleted_by_stream[stream] = self.deleted_by_stream.get(stream, 0) + len(ids)
 
+    def acked_by_stream(self) -> dict[str, int]:
+        """Entries acknowledged after success, per stream (dead letters and deleted entries not counted)."""
+        counts = {stream: len(ids) for stream, ids in self.acks.items()}
+        for stream, _, _ in self.records:
+            counts[stream] = counts.get(stream, 0) + 1
+        for stream, dead in self.dead_by_stream.items():
+            counts[stream] -= dead
+        for stream, deleted in self.deleted_by_stream.items():
+            counts[stream] -= deleted
+        return counts
+
     @property
     def acked(self) -> int:
-        return sum(map(len, self.acks.values())) - len(self.dead)
+        return sum(self.acked_by_stream().values())
 
     @property
     def retried(self) -> int:
         return sum(self.retried_by_stream.values())
 
     def __bool__(self) -> bool:
-        return bool(self.acks)
+        return bool(self.acks or self.records)
 
     def commands(self) -> list[Command]:
-        acks: list[Command] = [("XACK", stream, self.group, *ids) for stream, ids in self.acks.items() if ids]
-        if not self.outputs and not self.dead:
-            return acks
-        writes: list[Command] = [("XADD", stream, "*", *fields) for stream, fields in self.outputs + self.dead]
-        return [("MULTI",), *writes, *acks, ("EXEC",)]
+        commands: list[Command] = [("XACK", stream, self.group, *ids) for stream, ids in self.acks.items() if ids]
+        if self.records:
+            commands.append(self._script())
+        return commands
+
+    def _script(self) -> Command:
+        keys: dict[str, None] = {}
+        args: list[FieldValue] = [self.group]
+        for stream, entry_id, outputs in self.records:
+            keys[stream] = None
+            args += [stream, entry_id, len(outputs)]
+            for out_stream, fields in outputs:
+                keys[out_stream] = None
+                args += [out_stream, len(fields), *fields]
+        return ("EVAL", SETTLE_SCRIPT, len(keys), *keys, *args)
 
 
 def pack(commands: Sequence[Command]) -> bytes:
@@ -161,16 +216,20 @@ def _bump(counts: dict[str, int], key: str) -> None:
 
 
 def _check_settled(replies: Sequence[Any], url: str) -> None:
-    """Raise if a settlement's replies hold an error: a failed XACK, EXECABORT, or an error inside EXEC."""
+    """Raise if a settlement's replies hold an error (nothing of a failed script step was written)."""
     for reply in replies:
         if isinstance(reply, Exception):
             raise translate(reply, url)
-        if isinstance(reply, list):
-            for item in reply:
-                if isinstance(item, Exception):
-                    # The other commands of the transaction were applied: Redis has no rollback.
-                    logger.error("settle transaction partly failed: %s", item)
-                    raise translate(item, url)
+
+
+def _record_settled(settlement: Settlement, replies: Sequence[Any]) -> None:
+    settlement.done = True
+    if settlement.records:
+        settlement.settled = int(replies[-1])
+        skipped = len(settlement.records) - settlement.settled
+        if skipped:
+            logger.info("%d entries of group=%s were settled by another consumer first; their results were not "
+                        "written again", skipped, settlement.group)
 
 
 class Channel:
@@ -231,7 +290,7 @@ class Channel:
         replies = await self._exchange([*settle, read])
         if settlement is not None:
             _check_settled(replies[:-1], self._url)
-            settlement.done = True
+            _record_settled(settlement, replies[:-1])
         if isinstance(replies[-1], Exception):
             raise translate(replies[-1], self._url)
         return _stream_entries(replies[-1])
@@ -239,8 +298,9 @@ class Channel:
     async def settle(self, settlement: Settlement) -> None:
         """Write a settlement on its own (the last batch before stopping, or a reclaimed batch)."""
         if settlement and not settlement.done:
-            _check_settled(await self._exchange(settlement.commands()), self._url)
-            settlement.done = True
+            replies = await self._exchange(settlement.commands())
+            _check_settled(replies, self._url)
+            _record_settled(settlement, replies)
 
     async def autoclaim(self, stream: str, group: str, consumer: str, min_idle_ms: int, cursor: str,
                         count: int) -> tuple[str, list[RawEntry], list[str]]:

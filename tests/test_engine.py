@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import orjson
+import pytest
 import redis.asyncio as aioredis
 
 from fastworker import App, EmbeddedServer, Message, Reject
+from fastworker.errors import RedisCommandError
+from fastworker.streams import Settlement
 from tests.conftest import JOB, RunningWorker, make_settings, pending_count, publish, wait_for
 
 
@@ -240,3 +243,63 @@ async def _pending_is(rc: aioredis.Redis, stream: str, group: str, n: int) -> bo
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def _settle_once(server: EmbeddedServer, settlement: Settlement) -> int | None:
+    from fastworker.streams import Streams
+
+    streams = Streams(make_settings(server, "settle"))
+    channel = streams.channel()
+    try:
+        await channel.settle(settlement)
+    finally:
+        await channel.aclose()
+        await streams.aclose()
+    return settlement.settled
+
+
+def _settlement(group: str, stream: str, ok_id: str, bad_id: str, results: str) -> Settlement:
+    settlement = Settlement(group)
+    ok = Message(stream, ok_id.encode(), [b"data", b"1"], 1, 1)
+    ok.emit(results, {"job": 1})
+    settlement.ack(ok)
+    settlement.dead_letter(Message(stream, bad_id.encode(), [b"data", b"x"], None, 3), f"{stream}:dead",
+                           "ValueError", "boom")
+    return settlement
+
+
+async def test_settle_writes_results_dead_letters_and_acks_together(server: EmbeddedServer, rc: aioredis.Redis,
+                                                                    uid: str) -> None:
+    stream, group, results = f"{uid}:jobs", f"{uid}-g", f"{uid}:results"
+    ok_id, bad_id = await publish(rc, stream, [1, "x"])
+    await _read_as(rc, stream, group, "c", 2)
+    assert await _settle_once(server, _settlement(group, stream, ok_id, bad_id, results)) == 2
+    assert await pending_count(rc, stream, group) == 0
+    assert orjson.loads((await rc.xrange(results))[0][1][b"data"]) == {"job": 1}
+    [(_, dead)] = await rc.xrange(f"{stream}:dead")
+    assert dead[b"data"] == b"x" and dead[b"fw:id"] == bad_id.encode() and dead[b"fw:deliveries"] == b"3"
+
+
+async def test_settle_writes_results_only_for_the_first_settlement(server: EmbeddedServer, rc: aioredis.Redis,
+                                                                  uid: str) -> None:
+    # Two consumers handled the same entries (one claimed them while the other was still busy): the second
+    # settlement must not publish the results or dead letters again.
+    stream, group, results = f"{uid}:jobs", f"{uid}-g", f"{uid}:results"
+    ok_id, bad_id = await publish(rc, stream, [1, "x"])
+    await _read_as(rc, stream, group, "c", 2)
+    assert await _settle_once(server, _settlement(group, stream, ok_id, bad_id, results)) == 2
+    assert await _settle_once(server, _settlement(group, stream, ok_id, bad_id, results)) == 0
+    assert await rc.xlen(results) == 1
+    assert await rc.xlen(f"{stream}:dead") == 1
+
+
+async def test_settle_refuses_an_output_key_of_the_wrong_type(server: EmbeddedServer, rc: aioredis.Redis,
+                                                              uid: str) -> None:
+    stream, group, results = f"{uid}:jobs", f"{uid}-g", f"{uid}:results"
+    ok_id, bad_id = await publish(rc, stream, [1, "x"])
+    await _read_as(rc, stream, group, "c", 2)
+    await rc.set(results, "not a stream")
+    with pytest.raises(RedisCommandError, match="WRONGTYPE"):
+        await _settle_once(server, _settlement(group, stream, ok_id, bad_id, results))
+    assert await pending_count(rc, stream, group) == 2  # nothing was acked, nothing is lost
+    assert await rc.xlen(f"{stream}:dead") == 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import random
 
-import fakeredis
 import orjson
 import pytest
 
@@ -174,21 +173,18 @@ def test_settlement_commands_ack_only_without_outputs() -> None:
     assert settlement.commands() == [("XACK", "s", "g", "1-0")]
 
 
-def test_settlement_applies_results_dead_letters_and_acks_together() -> None:
-    client = fakeredis.FakeRedis()
-    ok_id = client.xadd("s", {"data": "1"}).decode()
-    bad_id = client.xadd("s", {"data": "x"}).decode()
-    client.xgroup_create("s", "g", id="0")
-    client.xreadgroup("g", "c", {"s": ">"})
+def test_settlement_counts_acked_per_stream_without_dead_or_deleted() -> None:
     settlement = Settlement("g")
-    ok = Message("s", ok_id, [b"data", b"1"], 1, 1)
-    ok.emit("out", {"job": 1})
-    settlement.ack(ok)
-    settlement.dead_letter(Message("s", bad_id, [b"data", b"x"], None, 3), "s:dead", "ValueError", "boom")
-    for command in settlement.commands():
-        client.execute_command(*command)
-    assert client.xpending("s", "g")["pending"] == 0
-    assert orjson.loads(client.xrange("out")[0][1][b"data"]) == {"job": 1}
-    dead = client.xrange("s:dead")[0][1]
-    assert dead[b"data"] == b"x" and dead[b"fw:id"] == bad_id.encode() and dead[b"fw:deliveries"] == b"3"
-    assert dead[b"fw:error_class"] == b"ValueError" and dead[b"fw:group"] == b"g"
+    with_result = Message("s", "1-0", [b"k", b"v"], None, 1)
+    with_result.emit("out", {"x": 1})
+    settlement.ack_all("s", [with_result, Message("s", "2-0", [b"k", b"v"], None, 1)])
+    settlement.dead_letter(Message("s", "3-0", [b"k", b"v"], None, 5), "s:dead", "ValueError", "boom")
+    settlement.deleted("t", ["9-0"])
+    assert settlement.acked_by_stream() == {"s": 2, "t": 0}
+    assert [command[0] for command in settlement.commands()] == ["XACK", "XACK", "EVAL"]
+
+
+def test_pack_speaks_resp() -> None:
+    from fastworker.streams import pack
+
+    assert pack([("XACK", "s", b"g", 7, 1.5)]) == b"*5\r\n$4\r\nXACK\r\n$1\r\ns\r\n$1\r\ng\r\n$1\r\n7\r\n$3\r\n1.5\r\n"
