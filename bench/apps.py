@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from fastworker import App, Message
+from fastworker import App, Dedup, Message
 
 STREAM = os.environ.get("BENCH_STREAM", "bench:jobs")
 GROUP = os.environ.get("BENCH_GROUP", "bench")
@@ -30,4 +30,12 @@ noop_batch = App("noop-batch")
 
 @noop_batch.handler(STREAM, group=GROUP, batch=True)
 async def handle_batch(batch: list[Message]) -> None:
+    return None
+
+
+noop_dedup = App("noop-dedup")
+
+
+@noop_dedup.handler(STREAM, group=GROUP, dedup=Dedup(ttl_s=600))
+async def handle_dedup(msg: Message) -> None:
     return None

@@ -1,6 +1,6 @@
 """fastworker: a Redis Streams worker fleet that consumes at peak load without losing a message."""
 
-from fastworker.app import App, Handler, load_app
+from fastworker.app import App, Dedup, Handler, load_app
 from fastworker.config import Settings, load_settings
 from fastworker.errors import (
     AppImportError,
@@ -23,6 +23,7 @@ __all__ = [
     "App",
     "AppImportError",
     "ConfigError",
+    "Dedup",
     "EmbeddedServer",
     "Entry",
     "ExitCode",

@@ -23,6 +23,27 @@ Hook = Callable[[], Awaitable[None] | None]
 
 
 @dataclasses.dataclass(frozen=True)
+class Dedup:
+    """Opt-in idempotency for handlers with side effects outside Redis (a payment, an e-mail, an API call).
+
+    After a handler call succeeds, a key naming the unit of work is recorded with a TTL, at once (not with the
+    batch's settlement), together with the results the call emitted. A later delivery of the same unit, after a
+    crash between the side effect and the acknowledgement, or a producer's retried XADD when `field` is set,
+    skips the handler, republishes the recorded results and is acknowledged. The window that remains is between
+    the side effect and the record: one call, instead of a whole batch.
+    """
+
+    field: str | None = None  # a payload field naming the unit of work (e.g. "job_id"); None: stream + entry id
+    ttl_s: float = 86_400.0
+
+    def key(self, group: str, message: Message) -> str:
+        value = message.payload.get(self.field) if self.field and isinstance(message.payload, dict) else None
+        if value is None:
+            return f"fw:done:{group}:{message.stream}:{message.id}"
+        return f"fw:done:{group}:{self.field}:{value}"
+
+
+@dataclasses.dataclass(frozen=True)
 class Handler:
     """One registered handler and how its entries are decoded and dispatched."""
 
@@ -32,6 +53,7 @@ class Handler:
     batch: bool = False
     payload: PayloadMode = "auto"
     payload_field: str = DEFAULT_PAYLOAD_FIELD
+    dedup: Dedup | None = None
 
     @property
     def is_async(self) -> bool:
@@ -59,14 +81,16 @@ class App:
         self.shutdown_hooks: list[Hook] = []
 
     def handler(self, stream: str, *, group: str, batch: bool = False, payload: PayloadMode = "auto",
-                payload_field: str = DEFAULT_PAYLOAD_FIELD) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+                payload_field: str = DEFAULT_PAYLOAD_FIELD, dedup: Dedup | bool | None = None,
+                ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Register a function for the entries of `stream` read through consumer `group`.
 
         The function takes one `Message` (or, with `batch=True`, the list of a batch's messages for this stream),
         may be sync (run in a thread, off the event loop) or async. Returning means success; raising `Reject`
         dead-letters now; any other exception leaves the entry pending for a retry. `payload` picks the decoding:
         `auto` (JSON of the `data` field if present, else the flat fields as str), `json` (the field is
-        required), `fields` (flat fields as str) or `raw` (no decoding; read `msg.fields`).
+        required), `fields` (flat fields as str) or `raw` (no decoding; read `msg.fields`). `dedup=True` (or a
+        `Dedup`) skips entries whose work was already done; see `Dedup`.
         """
         if not stream or not group:
             raise ValueError("a handler needs a stream and a group")
@@ -74,9 +98,12 @@ class App:
             raise ValueError(f"payload must be one of {', '.join(PAYLOAD_MODES)}, got {payload!r}")
         if any(h.stream == stream and h.group == group for h in self.handlers):
             raise ValueError(f"stream {stream!r} already has a handler in group {group!r}")
+        if dedup and batch:
+            raise ValueError("dedup works per message: it cannot be combined with batch=True")
+        rule = Dedup() if dedup is True else (dedup or None)
 
         def register(func: Callable[..., Any]) -> Callable[..., Any]:
-            self.handlers.append(Handler(stream, group, func, batch, payload, payload_field))
+            self.handlers.append(Handler(stream, group, func, batch, payload, payload_field, rule))
             return func
 
         return register

@@ -15,11 +15,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from fastworker.app import Handler
-from fastworker.errors import Reject, Retry
-from fastworker.message import Message
+from fastworker.app import Dedup, Handler
+from fastworker.errors import FastworkerError, Reject, Retry
+from fastworker.message import Message, decode_record, encode_record
 from fastworker.policy import Action, decide, exhausted
-from fastworker.streams import Settlement
+from fastworker.streams import Settlement, Streams
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,8 @@ class Dispatcher:
     """Runs handlers with bounded concurrency; one per worker process, shared by its consumers."""
 
     def __init__(self, concurrency: int, handler_timeout_s: float, max_deliveries: int,
-                 dead_letter_suffix: str) -> None:
+                 dead_letter_suffix: str, streams: Streams | None = None) -> None:
+        self.streams = streams  # for idempotency records (handlers with `dedup`)
         self.concurrency = concurrency
         self.handler_timeout_s = handler_timeout_s
         self.max_deliveries = max_deliveries
@@ -77,11 +78,10 @@ class Dispatcher:
             await asyncio.gather(*runs)
         return settlement
 
-    async def _stream(self, handler: Handler, messages: list[Message], settlement: Settlement) -> None:
-        dead_stream = handler.stream + self.dead_letter_suffix
+    def _runnable(self, messages: list[Message], dead_stream: str, settlement: Settlement) -> list[Message]:
+        """The messages a handler may see; the undecodable and the exhausted are dead-lettered instead."""
         limit = self.max_deliveries
         unfit = [m for m in messages if m.error is not None or m.deliveries > limit]
-        runnable = [m for m in messages if m.error is None and m.deliveries <= limit] if unfit else messages
         for message in unfit:
             if message.error is not None:
                 kind = "EntryDeleted" if not message.raw_fields else "DecodeError"
@@ -89,10 +89,19 @@ class Dispatcher:
             elif exhausted(message.deliveries, limit):
                 settlement.dead_letter(message, dead_stream, "MaxDeliveriesExceeded",
                                        f"delivered {message.deliveries} times without being settled")
+        return [m for m in messages if m.error is None and m.deliveries <= limit] if unfit else messages
+
+    async def _stream(self, handler: Handler, messages: list[Message], settlement: Settlement) -> None:
+        dead_stream = handler.stream + self.dead_letter_suffix
+        runnable = self._runnable(messages, dead_stream, settlement)
+        func = handler.func
+        if handler.dedup is not None and runnable:
+            runnable = await self._skip_done(handler, handler.dedup, runnable, settlement)
+            func = self._recording(handler.func, handler.dedup, settlement.group, handler.is_async)
         if not runnable:
             return
         started = time.perf_counter()
-        outcomes = await self._run(handler, runnable)
+        outcomes = await self._run(handler, func, runnable)
         settlement.timings[handler.stream] = (time.perf_counter() - started, len(runnable))
         if not any(outcomes):  # the common case: everything succeeded
             settlement.ack_all(handler.stream, runnable)
@@ -112,23 +121,76 @@ class Dispatcher:
         if failures:
             _log_failures(handler, failures)
 
-    async def _run(self, handler: Handler, messages: list[Message]) -> list[Outcome]:
+    async def _run(self, handler: Handler, func: Callable[..., Any], messages: list[Message]) -> list[Outcome]:
         if handler.batch:
             return await self._run_batch(handler, messages)
         outcomes: list[Outcome] = [None] * len(messages)
         pending = iter(enumerate(messages))
         if not handler.is_async:
             lanes = min(self.concurrency, -(-len(messages) // MIN_SYNC_CHUNK))
-            await asyncio.gather(*(self._sync_lane(handler.func, pending, outcomes, lanes) for _ in range(lanes)))
+            await asyncio.gather(*(self._sync_lane(func, pending, outcomes, lanes) for _ in range(lanes)))
             return outcomes
         # The first lane runs in the caller's task: handlers that do not really wait finish the whole batch here
         # without a task being made. Only when it has run for INLINE_BUDGET_S do the other lanes open.
-        done = await self._async_lane(handler.func, pending, outcomes, INLINE_BUDGET_S)
+        done = await self._async_lane(func, pending, outcomes, INLINE_BUDGET_S)
         left = len(messages) - done
         if left:
             lanes = min(self.concurrency, left)
-            await asyncio.gather(*(self._async_lane(handler.func, pending, outcomes) for _ in range(lanes)))
+            await asyncio.gather(*(self._async_lane(func, pending, outcomes) for _ in range(lanes)))
         return outcomes
+
+    async def _skip_done(self, handler: Handler, dedup: Dedup, messages: list[Message],
+                         settlement: Settlement) -> list[Message]:
+        """Acknowledge the messages whose work is recorded as done (republishing the results recorded with it);
+        return the others. If the records cannot be read, nothing is run: all stay pending for a retry."""
+        assert self.streams is not None, "a Dispatcher for handlers with dedup needs streams"
+        try:
+            keys = [dedup.key(settlement.group, m) for m in messages]
+            records = await self.streams.done_marks(keys)
+        except FastworkerError as exc:
+            logger.warning("idempotency records unreadable stream=%s (%s); %d entries left pending",
+                           handler.stream, exc, len(messages))
+            for message in messages:
+                settlement.retry(message)
+            return []
+        fresh, seen = [], set()
+        for message, key, record in zip(messages, keys, records, strict=True):
+            if record is None and key not in seen:
+                seen.add(key)
+                fresh.append(message)
+            elif record is None:  # a twin in this very batch: it comes back after claim idle, and is skipped then
+                settlement.retry(message)
+            else:
+                worker_id, outputs = decode_record(record)
+                # The same entry again (its settlement was lost): publish what its handler emitted. Another entry
+                # with the same key (a producer's duplicate): that entry's own settlement publishes the results.
+                message.outputs = outputs if worker_id == message.id and outputs else None
+                settlement.ack(message)
+                settlement.deduplicated_by_stream[message.stream] = \
+                    settlement.deduplicated_by_stream.get(message.stream, 0) + 1
+        return fresh
+
+    def _recording(self, func: Callable[..., Any], dedup: Dedup, group: str, is_async: bool) -> Callable[..., Any]:
+        """`func`, followed at once by the idempotency record of the work it did."""
+        streams = self.streams
+        assert streams is not None
+
+        async def record(message: Message) -> None:
+            await streams.mark_done(dedup.key(group, message), encode_record(message), dedup.ttl_s)
+
+        if is_async:
+            async def call_async(message: Message) -> None:
+                await func(message)
+                await record(message)
+
+            return call_async
+        loop = asyncio.get_running_loop()
+
+        def call_sync(message: Message) -> None:  # runs in a pool thread: the record is written by the loop
+            func(message)
+            asyncio.run_coroutine_threadsafe(record(message), loop).result()
+
+        return call_sync
 
     async def _async_lane(self, func: Callable[[Message], Awaitable[Any]], pending: Any, outcomes: list[Outcome],
                           budget_s: float | None = None) -> int:

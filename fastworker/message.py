@@ -139,3 +139,20 @@ def decode_entries(stream: str, entries: Iterable[RawEntry], deliveries: int | M
         payload, error = decode_payload(raw, mode, field_bytes)
         append(Message(stream, entry_id, raw, payload, count, error))
     return messages
+
+
+def encode_record(message: Message) -> bytes:
+    """An idempotency record: which entry did the work and the outputs it emitted (bytes kept exact as latin-1)."""
+    def text(value: FieldValue) -> str:
+        if isinstance(value, bytes):
+            return value.decode("latin-1")
+        return str(value).encode().decode("latin-1")
+
+    outputs = [[stream, [text(value) for value in fields]] for stream, fields in message.outputs or ()]
+    return orjson.dumps({"id": message.id, "outputs": outputs})
+
+
+def decode_record(record: bytes) -> tuple[str, list[tuple[str, list[FieldValue]]]]:
+    """(entry id that did the work, its outputs)."""
+    data = orjson.loads(record)
+    return data["id"], [(stream, [value.encode("latin-1") for value in fields]) for stream, fields in data["outputs"]]

@@ -13,7 +13,7 @@ from typing import Any
 
 from fastworker.streams import Settlement
 
-OUTCOMES = ("received", "acked", "retried", "dead", "deleted", "claimed")
+OUTCOMES = ("received", "acked", "retried", "dead", "deleted", "claimed", "deduplicated")
 DURATION_BUCKETS_S = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000)
 
@@ -62,14 +62,11 @@ class Stats:
             self._add(stream, group, "received", count)
             if claimed:
                 self._add(stream, group, "claimed", count)
-        for stream, count in settlement.acked_by_stream().items():
-            self._add(stream, group, "acked", count)
-        for stream, count in settlement.dead_by_stream.items():
-            self._add(stream, group, "dead", count)
-        for stream, count in settlement.retried_by_stream.items():
-            self._add(stream, group, "retried", count)
-        for stream, count in settlement.deleted_by_stream.items():
-            self._add(stream, group, "deleted", count)
+        for outcome, counts in (("acked", settlement.acked_by_stream()), ("dead", settlement.dead_by_stream),
+                                ("retried", settlement.retried_by_stream), ("deleted", settlement.deleted_by_stream),
+                                ("deduplicated", settlement.deduplicated_by_stream)):
+            for stream, count in counts.items():
+                self._add(stream, group, outcome, count)
         for stream, (elapsed, calls) in settlement.timings.items():
             key = (stream, group)
             if key not in self.durations:

@@ -107,8 +107,8 @@ class Settlement:
     """What one batch's handling decided, to be written in one step: plain acks, and the entries whose
     acknowledgement carries outputs (results or a dead letter), which are settled by SETTLE_SCRIPT."""
 
-    __slots__ = ("acks", "dead_by_stream", "deleted_by_stream", "done", "group", "records", "retried_by_stream",
-                 "settled", "timings")
+    __slots__ = ("acks", "dead_by_stream", "deduplicated_by_stream", "deleted_by_stream", "done", "group",
+                 "records", "retried_by_stream", "settled", "timings")
 
     def __init__(self, group: str) -> None:
         self.group = group
@@ -120,6 +120,7 @@ class Settlement:
         self.dead_by_stream: dict[str, int] = {}
         self.retried_by_stream: dict[str, int] = {}
         self.deleted_by_stream: dict[str, int] = {}
+        self.deduplicated_by_stream: dict[str, int] = {}  # acked without running the handler: done before
         self.timings: dict[str, tuple[float, int]] = {}  # stream -> (seconds in handlers, handler calls)
 
     def ack(self, message: Message) -> None:
@@ -381,6 +382,16 @@ class Streams:
                     if not str(exc).startswith("BUSYGROUP"):
                         raise
         return created
+
+    async def done_marks(self, keys: Sequence[str]) -> list[bytes | None]:
+        """The idempotency records of `keys` (None where there is none), in one round trip."""
+        with translated(self.url):
+            values = await self.redis.mget(keys)
+        return [value.encode() if isinstance(value, str) else value for value in values]
+
+    async def mark_done(self, key: str, record: bytes, ttl_s: float) -> None:
+        with translated(self.url):
+            await self.redis.set(key, record, px=max(1, int(ttl_s * 1000)))
 
     async def unblock(self, client_id: int | None) -> None:
         """Make a blocked XREADGROUP of another channel return now, as if its BLOCK had run out."""

@@ -49,7 +49,7 @@ class Worker:
         """
         streams = Streams(self.settings)
         dispatcher = Dispatcher(self.settings.concurrency, self.settings.handler_timeout_s,
-                                self.settings.max_deliveries, self.settings.dead_letter_suffix)
+                                self.settings.max_deliveries, self.settings.dead_letter_suffix, streams)
         outage = Outage("worker start-up")
         try:
             while True:

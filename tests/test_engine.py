@@ -8,7 +8,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from fastworker import App, EmbeddedServer, Message, Reject
+from fastworker import App, Dedup, EmbeddedServer, Message, Reject
 from fastworker.errors import RedisCommandError
 from fastworker.streams import Settlement
 from tests.conftest import JOB, RunningWorker, make_settings, pending_count, publish, wait_for
@@ -303,3 +303,77 @@ async def test_settle_refuses_an_output_key_of_the_wrong_type(server: EmbeddedSe
         await _settle_once(server, _settlement(group, stream, ok_id, bad_id, results))
     assert await pending_count(rc, stream, group) == 2  # nothing was acked, nothing is lost
     assert await rc.xlen(f"{stream}:dead") == 0
+
+
+def _side_effect_app(stream: str, group: str, results: str, effects: list[str], dedup: Dedup,
+                     crash_after_effect: set[str]) -> App:
+    app = App()
+
+    @app.handler(stream, group=group, dedup=dedup)
+    async def charge(msg: Message) -> None:
+        effects.append(msg.payload["job_id"])  # the outside side effect (a payment, an e-mail)
+        msg.emit(results, {"job_id": msg.payload["job_id"]})
+        if msg.payload["job_id"] in crash_after_effect:
+            crash_after_effect.discard(msg.payload["job_id"])
+            raise RuntimeError("crashed after the side effect, before the acknowledgement")
+
+    return app
+
+
+async def test_dedup_skips_a_redelivered_entry_whose_side_effect_happened(server: EmbeddedServer,
+                                                                         rc: aioredis.Redis, uid: str) -> None:
+    stream, group, results = f"{uid}:jobs", f"{uid}-g", f"{uid}:results"
+    await publish(rc, stream, [{"job_id": f"job-{i}"} for i in range(5)])
+    effects: list[str] = []
+    app = _side_effect_app(stream, group, results, effects, Dedup(), set())
+    # A first run did the work of job-2 and recorded it, then died before acknowledging: simulate the record.
+    entry_ids = [entry_id.decode() for entry_id, _ in await rc.xrange(stream)]
+    record = Message(stream, entry_ids[2], [], {"job_id": "job-2"}, 1)
+    record.emit(results, {"job_id": "job-2"})
+    from fastworker.message import encode_record
+
+    await rc.set(Dedup().key(group, record), encode_record(record))
+    async with RunningWorker(app, make_settings(server, uid)) as worker:
+        await wait_for(lambda: _true(worker.stats.total("acked") == 5), what="all five acked")
+    assert await pending_count(rc, stream, group) == 0
+    assert sorted(effects) == ["job-0", "job-1", "job-3", "job-4"]  # job-2's side effect did not happen again
+    assert sorted(orjson.loads(f[b"data"])["job_id"] for _, f in await rc.xrange(results)) == \
+        [f"job-{i}" for i in range(5)]  # but its recorded result was published
+    assert worker.stats.total("deduplicated") == 1
+
+
+async def test_dedup_by_payload_field_skips_a_producer_duplicate(server: EmbeddedServer, rc: aioredis.Redis,
+                                                                uid: str) -> None:
+    stream, group, results = f"{uid}:jobs", f"{uid}-g", f"{uid}:results"
+    await publish(rc, stream, [{"job_id": "job-1"}, {"job_id": "job-2"}, {"job_id": "job-1"}])  # a retried XADD
+    effects: list[str] = []
+    app = _side_effect_app(stream, group, results, effects, Dedup(field="job_id", ttl_s=60), set())
+    # The twin in the same batch is left pending and skipped on its redelivery, after claim idle.
+    settings = make_settings(server, uid, claim_idle_ms=200, handler_timeout_s=0.1)
+    async with RunningWorker(app, settings) as worker:
+        await wait_for(lambda: _true(worker.stats.total("acked") == 3), what="all three acked")
+    assert await pending_count(rc, stream, group) == 0
+    assert sorted(effects) == ["job-1", "job-2"]
+    assert await rc.xlen(results) == 2  # the duplicate published nothing
+    assert worker.stats.total("deduplicated") == 1
+    assert 0 < await rc.pttl(f"fw:done:{group}:job_id:job-1") <= 60_000
+
+
+async def test_without_dedup_a_failure_after_the_side_effect_repeats_it(server: EmbeddedServer,
+                                                                       rc: aioredis.Redis, uid: str) -> None:
+    # The control for the tests above: the retry of a call that failed after its side effect repeats the effect.
+    stream, group = f"{uid}:jobs", f"{uid}-g"
+    await publish(rc, stream, [{"job_id": "job-1"}])
+    effects: list[str] = []
+    app = App()
+
+    @app.handler(stream, group=group)
+    async def charge(msg: Message) -> None:
+        effects.append(msg.payload["job_id"])
+        if msg.deliveries == 1:
+            raise RuntimeError("crashed after the side effect")
+
+    settings = make_settings(server, uid, claim_idle_ms=200, handler_timeout_s=0.1)
+    async with RunningWorker(app, settings) as worker:
+        await wait_for(lambda: _true(worker.stats.total("acked") == 1), what="the retry to succeed")
+    assert effects == ["job-1", "job-1"]
