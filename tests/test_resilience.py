@@ -104,3 +104,48 @@ async def _pending_is(rc: aioredis.Redis, stream: str, group: str, n: int) -> bo
 
 async def _true(value: bool) -> bool:
     return value
+
+
+def test_programmatic_run_drains_on_sigterm_and_exits_0(server: EmbeddedServer, uid: str, tmp_path: Path) -> None:
+    import os
+    import signal
+    import time
+
+    import redis
+
+    stream, group = f"{uid}:jobs", f"{uid}-g"
+    script = tmp_path / "one_process.py"
+    script.write_text(
+        "import sys\n"
+        "from fastworker import App, Settings, run\n"
+        "app = App()\n"
+        f"app.handler({stream!r}, group={group!r})(lambda msg: None)\n"
+        f"sys.exit(run(app, Settings(redis_url={server.url!r}, processes=1, consumer_prefix={uid!r})))\n")
+    client = redis.Redis.from_url(server.url)
+    process = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": str(Path.cwd())},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not _has_consumer(client, stream, group):  # it has read once: up and blocking on the stream
+            assert process.poll() is None and time.monotonic() < deadline, "the worker did not start"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == ExitCode.OK
+        assert "Traceback" not in (process.stderr.read() if process.stderr else "")
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        if process.stderr:
+            process.stderr.close()
+        client.close()
+
+
+def _has_consumer(client: object, stream: str, group: str) -> bool:
+    import redis
+
+    assert isinstance(client, redis.Redis)
+    try:
+        return bool(client.xinfo_consumers(stream, group))
+    except redis.ResponseError:
+        return False
