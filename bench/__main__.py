@@ -197,16 +197,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--n", type=int, default=200_000, help="entries per run")
     parser.add_argument("--repeat", type=int, default=3, help="runs per case (the median is reported)")
-    parser.add_argument("--batches", default="100,500,1000,5000")
+    parser.add_argument("--batches", default="100,500,1000,2000,5000")
     parser.add_argument("--processes", default=",".join(str(p) for p in sorted({1, 2, os.cpu_count() or 1})))
     parser.add_argument("--latency-rate", type=int, default=20_000)
     parser.add_argument("--latency-s", type=float, default=30)
     parser.add_argument("--skip", default="", help="comma-separated: throughput, peers, latency")
+    parser.add_argument("--io-threads", type=int, default=1, help="the server's io-threads (more cores: more)")
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     batches = [int(b) for b in args.batches.split(",")]
     processes = [int(p) for p in args.processes.split(",")]
-    with EmbeddedServer() as server:
+    options = {"io-threads": str(args.io_threads)} if args.io_threads > 1 else {}
+    with EmbeddedServer(options=options) as server:
         result: dict[str, Any] = {"versions": versions(server.version()), "n": args.n, "repeat": args.repeat}
         print("\n".join(f"{k}: {v}" for k, v in result["versions"].items()), flush=True)
         result["throughput"] = [] if "throughput" in skip else throughput(server.url, args.n, args.repeat, batches,

@@ -60,13 +60,15 @@ class EmbeddedServer:
     """
 
     def __init__(self, *, port: int | None = None, data_dir: str | Path | None = None, appendonly: bool = False,
-                 password: str | None = None, binary: str | None = None) -> None:
+                 password: str | None = None, binary: str | None = None,
+                 options: dict[str, str] | None = None) -> None:
         self.binary = binary or default_binary()
         self.port = port or free_port()
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="fastworker-server-")).resolve()
         self.appendonly = appendonly
         self.password = password
+        self.options = options or {}  # more server settings, e.g. {"io-threads": "4"}
         self.process: subprocess.Popen[bytes] | None = None
         atexit.register(self.stop)
 
@@ -81,6 +83,8 @@ class EmbeddedServer:
                 "--logfile", "server.log", "--protected-mode", "no"]
         if self.password:
             argv += ["--requirepass", self.password]
+        for name, value in self.options.items():
+            argv += [f"--{name}", value]
         return argv
 
     def start(self, timeout_s: float = 10.0) -> EmbeddedServer:
