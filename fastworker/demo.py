@@ -8,6 +8,7 @@ every time (retried, then dead-lettered after max deliveries); `"simulate": "poi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from typing import Any
@@ -34,6 +35,7 @@ def _simulate(payload: Any) -> None:
         raise Reject("simulated poison message: shop no longer exists")
 
 
+@functools.lru_cache(maxsize=1024)  # a shop's bundles change slowly: real analysers cache them too
 def _bundles(shop_id: str, days: int) -> list[dict[str, Any]]:
     digest = hashlib.blake2b(f"{shop_id}:{days}".encode(), digest_size=8).digest()
     return [{"products": [f"prod_{digest[i]}", f"prod_{digest[i + 1]}"], "support": round(digest[i] / 2550, 4)}
