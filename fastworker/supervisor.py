@@ -43,7 +43,7 @@ from fastworker.monitor import Monitor
 from fastworker.policy import backoff_s, shard
 from fastworker.proc import die_with_parent, set_process_name
 from fastworker.streams import Streams
-from fastworker.worker import Worker, install_signal_handlers
+from fastworker.worker import Worker, install_signal_handlers, serve
 
 logger = logging.getLogger(__name__)
 
@@ -314,28 +314,13 @@ async def worker_process(app_ref: str, settings: Settings, names: list[str], con
         logger.error("%s", exc)
         return int(exc.exit_code)
     worker = Worker(app, settings, names)
-    task = asyncio.current_task()
-    interrupted = False
-
-    def leave_now() -> None:
-        nonlocal interrupted
-        interrupted = True
-        if task is not None:
-            task.cancel()
-
-    install_signal_handlers(worker.stop, leave_now)
     reporter = asyncio.create_task(_report_loop(worker, conn, parent_pid))
     try:
-        await worker.run(wait_for_server=True)
-    except asyncio.CancelledError:
-        if not interrupted:
-            raise
-        return ExitCode.INTERRUPTED
+        return await serve(worker, wait_for_server=True)
     finally:
         reporter.cancel()
         with contextlib.suppress(OSError, ValueError):
             conn.send(("final", worker.stats.snapshot()))
-    return ExitCode.OK
 
 
 async def _report_loop(worker: Worker, conn: Connection, parent_pid: int) -> None:

@@ -143,29 +143,34 @@ def install_signal_handlers(stop: Callable[[], None], hard_stop: Callable[[], No
         loop.add_signal_handler(signum, on_signal, signum)
 
 
+async def serve(worker: Worker, wait_for_server: bool = False) -> int:
+    """Run `worker` in the current task until a signal stops it; returns the exit code: 0 after a clean drain,
+    INTERRUPTED when a second signal cut the drain short."""
+    task = asyncio.current_task()
+    interrupted = False
+
+    def hard_stop() -> None:
+        nonlocal interrupted
+        interrupted = True
+        if task is not None:
+            task.cancel()
+
+    install_signal_handlers(worker.stop, hard_stop)
+    try:
+        await worker.run(wait_for_server)
+    except asyncio.CancelledError:
+        if not interrupted:
+            raise
+        return ExitCode.INTERRUPTED
+    return ExitCode.OK
+
+
 def run(app: App, settings: Settings | None = None, names: list[str] | None = None) -> int:
     """Run `app` in this process on uvloop until SIGTERM or SIGINT; returns the exit code (0 after a clean
     drain). Start-up errors (server unreachable, wrong password) propagate as FastworkerError."""
     resolved = settings or Settings()
 
     async def main() -> int:
-        worker = Worker(app, resolved, names)
-        task = asyncio.current_task()
-        interrupted = False
-
-        def hard_stop() -> None:
-            nonlocal interrupted
-            interrupted = True
-            if task is not None:
-                task.cancel()
-
-        install_signal_handlers(worker.stop, hard_stop)
-        try:
-            await worker.run()
-        except asyncio.CancelledError:
-            if not interrupted:
-                raise
-            return ExitCode.INTERRUPTED
-        return ExitCode.OK
+        return await serve(Worker(app, resolved, names))
 
     return uvloop.run(main())

@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 import pytest
+import redis
 import redis.asyncio as aioredis
 
 from fastworker import App, EmbeddedServer, Settings, Worker
@@ -31,6 +32,23 @@ def server() -> Iterator[EmbeddedServer]:
 def uid(request: pytest.FixtureRequest) -> str:
     """A prefix unique to this test, for its stream, group and consumer names."""
     return f"t{next(_counter)}-{os.getpid()}-{request.node.name[:40]}"
+
+
+@pytest.fixture
+def r(server: EmbeddedServer) -> Iterator[redis.Redis]:
+    """A sync client of the session server."""
+    client = redis.Redis.from_url(server.url)
+    yield client
+    client.close()
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """Run the `fastworker` command in-process: (exit code, stdout, stderr)."""
+    from fastworker.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 @pytest.fixture
@@ -95,7 +113,7 @@ async def pending_count(client: aioredis.Redis, stream: str, group: str) -> int:
     return int(summary["pending"])
 
 
-SERVER_FIXTURES = {"server", "own_server", "rc"}
+SERVER_FIXTURES = {"server", "own_server", "rc", "r"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -6,7 +6,6 @@ import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -14,21 +13,7 @@ import redis
 import redis.asyncio as aioredis
 
 from fastworker import App, EmbeddedServer, ExitCode, Message, Reject
-from fastworker.cli import main
-from tests.conftest import JOB, RunningWorker, make_settings, pending_count, publish, wait_for
-
-
-@pytest.fixture
-def r(server: EmbeddedServer) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(server.url)
-    yield client
-    client.close()
-
-
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.conftest import JOB, RunningWorker, cli, make_settings, pending_count, publish, wait_for
 
 
 def dead_letter(r: redis.Redis, stream: str, n: int, error_class: str = "ValueError", requeues: int | None = None,

@@ -3,26 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 import redis
 
 from fastworker import EmbeddedServer, ExitCode
-from fastworker.cli import main
-
-
-@pytest.fixture
-def r(server: EmbeddedServer) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(server.url)
-    yield client
-    client.close()
-
-
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.conftest import cli
 
 
 def prepare(r: redis.Redis, stream: str, n: int = 5) -> list[str]:

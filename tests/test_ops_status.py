@@ -8,7 +8,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,25 +15,11 @@ import redis
 import redis.asyncio as aioredis
 
 from fastworker import EmbeddedServer, ExitCode
-from fastworker.cli import main
 from fastworker.ops.consumers import remove_dead_consumers
 from fastworker.ops.inspect import check_health, next_id, snapshot
 from fastworker.server import free_port
 from fastworker.streams import Streams
-from tests.conftest import make_settings, wait_for
-
-
-@pytest.fixture
-def r(server: EmbeddedServer) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(server.url)
-    yield client
-    client.close()
-
-
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.conftest import cli, make_settings, wait_for
 
 
 def row(out: str, *first: str) -> list[str]:

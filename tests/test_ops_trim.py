@@ -4,24 +4,16 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import redis
 import redis.asyncio as aioredis
 
 from fastworker import EmbeddedServer, ExitCode
-from fastworker.cli import main
 from fastworker.ops.trim import has_token, safe_trim, supports_acked_trim
 from fastworker.streams import Streams
-from tests.conftest import make_settings
-
-
-@pytest.fixture
-def r(server: EmbeddedServer) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(server.url)
-    yield client
-    client.close()
+from tests.conftest import cli, make_settings
 
 
 @pytest.fixture
@@ -29,12 +21,6 @@ async def streams(server: EmbeddedServer, uid: str) -> AsyncIterator[Streams]:
     connection = Streams(make_settings(server, uid))
     yield connection
     await connection.aclose()
-
-
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def add(r: redis.Redis, stream: str, n: int) -> list[str]:

@@ -268,16 +268,21 @@ def _group(group: dict[str, Any], consumers: list[dict[str, Any]], oldest: list[
     )
 
 
-async def group_names(streams: Streams, stream: str) -> list[str] | None:
-    """The consumer groups of `stream`, or None when the stream does not exist."""
+async def groups_info(streams: Streams, stream: str) -> list[dict[str, Any]] | None:
+    """XINFO GROUPS of `stream`, or None when the stream does not exist."""
     with translated(streams.url):
         try:
-            groups = await streams.redis.xinfo_groups(stream)
+            return list(await streams.redis.xinfo_groups(stream))
         except rex.ResponseError as exc:
             if "no such key" in str(exc).lower():
                 return None
             raise
-    return [_text(group["name"]) for group in groups]
+
+
+async def group_names(streams: Streams, stream: str) -> list[str] | None:
+    """The consumer groups of `stream`, or None when the stream does not exist."""
+    groups = await groups_info(streams, stream)
+    return None if groups is None else [_text(group["name"]) for group in groups]
 
 
 # --- health -------------------------------------------------------------------------------------------------------

@@ -21,10 +21,8 @@ import dataclasses
 import logging
 from typing import Any
 
-import redis.exceptions as rex
-
 from fastworker.errors import FastworkerError
-from fastworker.ops.inspect import format_id, min_id, next_id, parse_id, server_time_ms
+from fastworker.ops.inspect import format_id, groups_info, min_id, next_id, parse_id, server_time_ms
 from fastworker.streams import Streams, translated
 
 logger = logging.getLogger(__name__)
@@ -92,13 +90,10 @@ def has_token(reply: Any, token: bytes) -> bool:
 
 async def group_bounds(streams: Streams, stream: str) -> list[Bound] | None:
     """What each group of `stream` still needs; None when the stream does not exist."""
+    groups = await groups_info(streams, stream)
+    if groups is None:
+        return None
     with translated(streams.url):
-        try:
-            groups = await streams.redis.xinfo_groups(stream)
-        except rex.ResponseError as exc:
-            if "no such key" in str(exc).lower():
-                return None
-            raise
         bounds = []
         for group in groups:
             name = _text(group["name"])
