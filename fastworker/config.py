@@ -54,6 +54,7 @@ class Settings:
     consumers: int = _field(0, help="consumer names over all processes (0: one per process)")
     consumer_prefix: str = _field(help="consumer names are PREFIX-0 .. PREFIX-N (default: host name)",
                                   factory=socket.gethostname)
+    gc_threshold: int = _field(20_000, help="worker processes' first GC generation threshold (0: Python's 700)")
     crash_loop_restarts: int = _field(5, help="worker process deaths within crash_loop_window_s that stop the fleet")
     crash_loop_window_s: float = _field(60.0, help="window in which crash_loop_restarts deaths mean a crash loop")
     http_port: int = _field(0, help="serve /healthz, /readyz and /metrics on this port (0: off)")
@@ -89,7 +90,8 @@ def _range_problems(s: Settings) -> list[str]:
     problems = [f"{name} must be at least {low}, got {getattr(s, name)}" for name, low in (
         ("batch_size", 1), ("block_ms", 1), ("claim_idle_ms", 1), ("claim_interval_ms", 1),
         ("max_deliveries", 1), ("concurrency", 1), ("processes", 1), ("consumers", 0), ("crash_loop_restarts", 1),
-        ("http_port", 0), ("trim_interval_s", 0), ("trim_retain_s", 0), ("dead_consumer_idle_s", 0),
+        ("gc_threshold", 0), ("http_port", 0), ("trim_interval_s", 0), ("trim_retain_s", 0),
+        ("dead_consumer_idle_s", 0),
     ) if getattr(s, name) < low]
     return problems + [f"{name} must be positive, got {getattr(s, name)}" for name in (
         "handler_timeout_s", "shutdown_grace_s", "socket_timeout_s", "crash_loop_window_s", "sample_interval_s",

@@ -216,8 +216,8 @@ class Dispatcher:
                     else:
                         if lane.expired:  # the handler swallowed our cancellation and returned
                             outcomes[index] = lane.clear_expiry(self.handler_timeout_s)
-                    if deadline is not None and time.perf_counter() > deadline:
-                        break
+                    if deadline is not None and not handled & 15 and time.perf_counter() > deadline:
+                        break  # looked at every 16 calls: the clock costs as much as a no-op handler
             finally:
                 self._lanes.discard(lane)
         return handled

@@ -119,12 +119,13 @@ def decode_entries(stream: str, entries: Iterable[RawEntry], deliveries: int | M
     field_bytes = field.encode()
     messages: list[Message] = []
     append = messages.append
-    fixed = deliveries if isinstance(deliveries, int) else 0
     counts = None if isinstance(deliveries, int) else deliveries
+    count = deliveries if isinstance(deliveries, int) else 1
     # The app's convention, a lone JSON field named `field`, skips the general path below.
     fast = mode in ("auto", "json")
     for entry_id, sent in entries:
-        count = fixed if counts is None else counts.get(_text(entry_id), 1)
+        if counts is not None:
+            count = counts.get(_text(entry_id), 1)
         if fast and sent and len(sent) == 2 and sent[0] == field_bytes:
             try:
                 append(Message(stream, entry_id, sent, loads(sent[1]), count))

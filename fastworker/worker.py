@@ -9,6 +9,7 @@ remaining work is abandoned, which loses nothing (it is still pending).
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import logging
 import signal
@@ -143,9 +144,24 @@ def install_signal_handlers(stop: Callable[[], None], hard_stop: Callable[[], No
         loop.add_signal_handler(signum, on_signal, signum)
 
 
+def tune_gc(threshold: int) -> None:
+    """Collect young objects less often, and never rescan what start-up allocated.
+
+    A batch keeps a few objects per entry alive until it is settled (messages, payloads), so with Python's default
+    first threshold of 700 the collector runs several times per batch and walks all of them: about a quarter of a
+    no-op worker's time, measured. The process owns its heap, so this is ours to tune.
+    """
+    if threshold:
+        gc.collect()
+        gc.freeze()
+        _, second, third = gc.get_threshold()
+        gc.set_threshold(threshold, second, third)
+
+
 async def serve(worker: Worker, wait_for_server: bool = False) -> int:
     """Run `worker` in the current task until a signal stops it; returns the exit code: 0 after a clean drain,
-    INTERRUPTED when a second signal cut the drain short."""
+    INTERRUPTED when a second signal cut the drain short. The worker owns the process: its GC is tuned."""
+    tune_gc(worker.settings.gc_threshold)
     task = asyncio.current_task()
     interrupted = False
 
