@@ -87,16 +87,24 @@ def throughput(url: str, n: int, repeat: int, batches: list[int], processes: lis
     return rows
 
 
+# Which process counts each peer runs at: the per-message ones are slow enough that one count tells the story,
+# and the server's limit is one pipelined client by definition.
+PEER_PROCESSES = {"naive": (1,), "sync_batch": (1,), "faststream_single": (1,), "taskiq_defaults": (1,),
+                  "server_limit": (1,)}
+
+
 def peers(url: str, n: int, repeat: int, processes: list[int]) -> list[dict[str, Any]]:
     try:
         from bench.peers import PEERS, PeerUnavailable
+        from bench.peers.server_limit import client_name
     except ImportError as exc:
         print(f"peers skipped: {exc}")
         return []
     client = redis.Redis.from_url(url)
     rows = []
     for name, run in PEERS.items():
-        for procs in processes:
+        label = f"server_limit ({client_name()})" if name == "server_limit" else name
+        for procs in PEER_PROCESSES.get(name, processes):
             runs = []
             try:
                 for _ in range(repeat):
@@ -108,8 +116,8 @@ def peers(url: str, n: int, repeat: int, processes: list[int]) -> list[dict[str,
             except Exception as exc:  # a peer failing must not lose the rest of the table
                 print(f"{name} processes={procs}: failed: {type(exc).__name__}: {exc}")
                 continue
-            rows.append({"peer": name, "processes": procs, "msgs_s": median(runs), "runs": runs})
-            print(f"peer {name:18} processes={procs}: {median(runs):>9,.0f} msgs/s", flush=True)
+            rows.append({"peer": label, "processes": procs, "msgs_s": median(runs), "runs": runs})
+            print(f"peer {label:18} processes={procs}: {median(runs):>9,.0f} msgs/s", flush=True)
     client.close()
     return rows
 
@@ -182,10 +190,13 @@ def table(result: dict[str, Any]) -> str:
                         if r["handler"] == "no-op" and r["processes"] == procs), default=0)
             for procs in {r["processes"] for r in result["throughput"]}}
     if result["peers"]:
-        lines += ["", "| fastworker (best batch, no-op) vs | processes | ratio |", "|---|---|---|"]
+        lines += ["", "| fastworker (no-op handler, best batch) vs | processes | ratio |", "|---|---|---|"]
         for row in result["peers"]:
-            if best.get(row["processes"]):
-                lines.append(f"| {row['peer']} | {row['processes']} | {best[row['processes']] / row['msgs_s']:.2f}x |")
+            # The server's limit is one client whatever the process count: compare every fastworker count to it.
+            counts = sorted(best) if row["peer"].startswith("server_limit") else [row["processes"]]
+            for procs in counts:
+                if best.get(procs):
+                    lines.append(f"| {row['peer']} | {procs} | {best[procs] / row['msgs_s']:.2f}x |")
     if result.get("latency"):
         lat = result["latency"]
         lines += ["", f"Latency, XADD to handler start, {lat['rate']:,} msgs/s offered for {lat['seconds']:g} s: "
