@@ -4,14 +4,16 @@ Invariants kept here:
 - A batch costs one round trip: the settle commands of the previous batch (XACK, result XADDs, dead letters) travel
   in the same write as the next XREADGROUP, and the replies are read in order, so the connection never falls out
   of step even when one command fails.
-- A settlement that publishes anything (results or dead letters) runs inside MULTI/EXEC with its acks, so an
-  entry is never acknowledged without its results or dead letter, nor the other way round.
+- An entry that publishes anything (results or a dead letter) is settled by one server script (SETTLE_SCRIPT)
+  that writes its outputs only if its XACK removed it from the PEL: never an ack without its outputs, never
+  outputs without the ack, never the outputs twice.
 - redis-py's errors are translated into fastworker's here and nowhere else. After any I/O error a channel drops
   its connection; the caller decides when to reconnect.
 - Replies stay in the raw shape hiredis produces: redis-py's per-entry conversion is skipped on the hot path.
 
-Cluster support belongs here too: a settlement would be grouped per hash slot (one MULTI per slot) and a read per
-slot, without the consumer loop changing.
+Cluster support belongs here too: a settlement would be grouped per hash slot (one script call per slot; an
+entry's result stream must share its slot, e.g. `{betterbundle}:data-jobs` and `{betterbundle}:analysis-results`)
+and a read per slot, without the consumer loop changing.
 """
 
 from __future__ import annotations
