@@ -44,6 +44,10 @@ class _Lane:
         self.strikes = 0
         self.expired = False
 
+    def cancelled_by_others(self) -> bool:
+        """Someone besides the watchdog asked to cancel this lane's task too."""
+        return self.task is not None and self.task.cancelling() > 1
+
     def clear_expiry(self, timeout_s: float) -> HandlerTimeout:
         self.expired = False
         self.strikes = 0
@@ -208,8 +212,8 @@ class Dispatcher:
                     try:
                         await func(message)
                     except asyncio.CancelledError:
-                        if not lane.expired:
-                            raise
+                        if not lane.expired or lane.cancelled_by_others():
+                            raise  # a shutdown's cancellation, not (only) our timeout: let it through
                         outcomes[index] = lane.clear_expiry(self.handler_timeout_s)
                     except Exception as exc:  # user code: any failure is an outcome, never a crash
                         outcomes[index] = exc
