@@ -134,9 +134,8 @@ class Consumer:
             return {}
         batch = {}
         for stream, entries in reply.items():
-            first, last = _id(entries[0]), _id(entries[-1])
-            counts = await self.channel.deliveries(stream, self.group, self.name, first, last, len(entries))
-            history[stream] = last
+            counts = await self.channel.deliveries(stream, self.group, self.name, entries)
+            history[stream] = _id(entries[-1])
             batch[stream] = self._decode(stream, entries, counts)
         return batch
 

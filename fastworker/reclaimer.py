@@ -1,10 +1,11 @@
 """The reclaimer: hands out again the entries that sat pending too long, whoever owned them.
 
 Every claim_interval_ms, for each stream of each group, it follows XAUTOCLAIM's cursor from `0-0` to the end,
-claiming entries idle at least claim_idle_ms into one of this process's consumer names. That is how the work of a
-crashed consumer is picked up, and how a failed entry is retried (claim idle is the retry delay). Claimed entries
-take the consumer's dispatch path; their delivery counts come from the PEL, so an entry past max_deliveries is
-dead-lettered, and ids XAUTOCLAIM reports as deleted are acknowledged and counted.
+claiming entries idle at least claim_idle_ms into a consumer name of its own (`<first name>.claim`): never into a
+live consumer's name, whose history re-read would pick them up while they are being handled here. That is how the
+work of a crashed consumer is picked up, and how a failed entry is retried (claim idle is the retry delay). Claimed
+entries take the consumer's dispatch path; their delivery counts come from the PEL, so an entry past
+max_deliveries is dead-lettered, and ids XAUTOCLAIM reports as deleted are acknowledged and counted.
 """
 
 from __future__ import annotations
@@ -84,8 +85,7 @@ class Reclaimer:
                       deleted: list[str]) -> None:
         settlement = Settlement(group)
         if entries:
-            first, last = (e[0].decode() if isinstance(e[0], bytes) else str(e[0]) for e in (entries[0], entries[-1]))
-            counts = await self.channel.deliveries(stream, group, self.claimer, first, last, len(entries))
+            counts = await self.channel.deliveries(stream, group, self.claimer, entries)
             messages = decode_entries(stream, entries, counts, handler.payload, handler.payload_field)
             logger.info("claimed %d idle entries stream=%s group=%s into consumer=%s",
                         len(messages), stream, group, self.claimer)

@@ -325,11 +325,22 @@ class Channel:
         deleted = [_text(i) for i in reply[2]] if len(reply) > 2 else []
         return _text(reply[0]), reply[1], deleted
 
-    async def deliveries(self, stream: str, group: str, consumer: str, first_id: str, last_id: str,
-                         count: int) -> dict[str, int]:
-        """Delivery counts of `consumer`'s pending entries in [first_id, last_id] (XPENDING extended form)."""
-        reply = (await self.roundtrip([("XPENDING", stream, group, first_id, last_id, count, consumer)]))[0]
-        return {_text(row[0]): int(row[3]) for row in reply}
+    async def deliveries(self, stream: str, group: str, consumer: str, entries: Sequence[RawEntry]) -> dict[str, int]:
+        """Delivery counts of `entries`, pending for `consumer` (XPENDING extended form over their id range).
+
+        The range may hold other pending entries of the same consumer (earlier retries): pages on until every id
+        is found, so a count is never missed and taken for a first delivery. Usually one round trip.
+        """
+        wanted = {_text(entry[0]) for entry in entries}
+        counts: dict[str, int] = {}
+        start, last = _text(entries[0][0]), _text(entries[-1][0])
+        while not wanted <= counts.keys():
+            rows = (await self.roundtrip([("XPENDING", stream, group, start, last, len(entries), consumer)]))[0]
+            counts.update((_text(row[0]), int(row[3])) for row in rows)
+            if len(rows) < len(entries):
+                break  # the range is exhausted: the rest were settled or claimed meanwhile
+            start = "(" + _text(rows[-1][0])
+        return counts
 
     async def reset(self) -> None:
         """Drop the connection (after an error, or to abandon a blocked read); the next call reconnects."""

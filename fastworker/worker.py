@@ -80,7 +80,7 @@ class Worker:
         await _run_hooks(self.app.startup_hooks)
         self.consumers = [Consumer(streams, dispatcher, self.settings, group, handlers, name, self.stats)
                           for group, handlers in groups.items() for name in self.names]
-        self.reclaimer = Reclaimer(streams, dispatcher, self.settings, groups, self.names[0], self.stats)
+        self.reclaimer = Reclaimer(streams, dispatcher, self.settings, groups, f"{self.names[0]}.claim", self.stats)
         loops: list[Consumer | Reclaimer] = [*self.consumers, self.reclaimer]
         self._tasks = [asyncio.create_task(loop.run(), name=f"fastworker:{type(loop).__name__}") for loop in loops]
         for task in self._tasks:

@@ -377,3 +377,25 @@ async def test_without_dedup_a_failure_after_the_side_effect_repeats_it(server: 
     async with RunningWorker(app, settings) as worker:
         await wait_for(lambda: _true(worker.stats.total("acked") == 1), what="the retry to succeed")
     assert effects == ["job-1", "job-1"]
+
+
+async def test_reclaimer_counts_deliveries_of_claims_among_its_own_pending(server: EmbeddedServer,
+                                                                           rc: aioredis.Redis, uid: str) -> None:
+    # Poison entries (delivered 10 times by crashing workers) interleaved with entries the claimer itself holds:
+    # every poison entry must be seen as exhausted and dead-lettered, none handed to the handler as a first try.
+    stream, group = f"{uid}:jobs", f"{uid}-g"
+    ids = await publish(rc, stream, [{"n": i} for i in range(20)])
+    await rc.xgroup_create(stream, group, id="0")
+    await rc.xreadgroup(group, f"{uid}-crashed", {stream: ">"}, count=20)
+    poison, own = ids[0::2], ids[1::2]
+    await rc.xclaim(stream, group, f"{uid}-crashed", 0, poison, idle=60_000, retrycount=10)  # claimable now
+    await rc.xclaim(stream, group, f"{uid}-0.claim", 0, own)  # fresh: not claimable for claim_idle_ms
+    seen: list[Message] = []
+    settings = make_settings(server, uid, claim_idle_ms=1_000, handler_timeout_s=0.1, max_deliveries=5)
+    async with RunningWorker(_recording_app(stream, group, seen), settings):
+        await wait_for(lambda: _length_is(rc, f"{stream}:dead", 10), what="ten dead letters")
+        await wait_for(lambda: _pending_is(rc, stream, group, 0), what="empty PEL")
+    assert not {m.id for m in seen} & set(poison)
+    assert {m.id for m in seen} == set(own)
+    dead = [f for _, f in await rc.xrange(f"{stream}:dead")]
+    assert {f[b"fw:error_class"] for f in dead} == {b"MaxDeliveriesExceeded"}
