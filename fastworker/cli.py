@@ -16,7 +16,7 @@ from typing import Any
 
 from fastworker import config, logs
 from fastworker.config import Settings
-from fastworker.errors import ExitCode, FastworkerError
+from fastworker.errors import ConfigError, ExitCode, FastworkerError
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,16 @@ def settings_from_args(args: argparse.Namespace) -> tuple[Settings, dict[str, st
     return config.load_settings(flag_values(args))
 
 
+def configure_logging(args: argparse.Namespace) -> None:
+    """Log as the resolved settings say (flag > environment > default), validated like every setting."""
+    level = getattr(args, "setting_log_level", None) or config.environ_value("log_level") or "INFO"
+    fmt = getattr(args, "setting_log_format", None) or config.environ_value("log_format") or "text"
+    problems = config.logging_problems(level, fmt)
+    if problems:
+        raise ConfigError(problems[0])
+    logs.configure(level, fmt)
+
+
 def build_parser() -> ArgumentParser:
     from fastworker import __version__
 
@@ -87,9 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return ExitCode.USAGE
-    logs.configure(getattr(args, "setting_log_level", None) or "INFO",
-                   getattr(args, "setting_log_format", None) or "text")
     try:
+        configure_logging(args)
         return int(args.handler(args))
     except FastworkerError as exc:
         print(f"fastworker: error: {exc}", file=sys.stderr)

@@ -22,6 +22,8 @@ ENV_PREFIX = "FASTWORKER_"
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 # A blocking read must come back before the socket gives up on it: BLOCK plus this much slack.
 SOCKET_TIMEOUT_MARGIN_MS = 1000
+# The timeout watchdog checks every half timeout, so a call is cancelled between 1 and 1.5 timeouts.
+TIMEOUT_OVERSHOOT = 1.5
 
 
 def _field(default: Any = dataclasses.MISSING, *, help: str, factory: Any = None) -> Any:
@@ -45,7 +47,7 @@ class Settings:
     claim_interval_ms: int = _field(5_000, help="how often the reclaimer looks for idle pending entries")
     max_deliveries: int = _field(5, help="deliveries after which a failing entry goes to the dead-letter stream")
     concurrency: int = _field(64, help="handler calls in flight at once, per worker process")
-    handler_timeout_s: float = _field(30.0, help="an async handler call running longer than this has failed")
+    handler_timeout_s: float = _field(30.0, help="a handler call running longer has failed (cancelled within 1.5x)")
     shutdown_grace_s: float = _field(30.0, help="time to finish in-flight work after SIGTERM before leaving it")
     socket_timeout_s: float = _field(10.0, help="socket timeout of every connection; must exceed block_ms")
     dead_letter_suffix: str = _field(":dead", help="dead letters of stream S go to S + this suffix")
@@ -100,10 +102,11 @@ def _range_problems(s: Settings) -> list[str]:
 
 def _hazards(s: Settings) -> list[str]:
     problems = []
-    if s.handler_timeout_s * 1000 >= s.claim_idle_ms:
+    if s.handler_timeout_s * 1000 * TIMEOUT_OVERSHOOT >= s.claim_idle_ms:
         problems.append(
-            f"handler_timeout_s ({s.handler_timeout_s:g}) must be shorter than claim_idle_ms "
-            f"({s.claim_idle_ms}): live work would be claimed by other consumers while it still runs")
+            f"handler_timeout_s ({s.handler_timeout_s:g}) must be shorter than claim_idle_ms ({s.claim_idle_ms}) "
+            f"/ {TIMEOUT_OVERSHOOT:g}: a call may run {TIMEOUT_OVERSHOOT:g}x its timeout before it is cancelled, and "
+            "live work would be claimed by other consumers while it still runs")
     if s.socket_timeout_s * 1000 < s.block_ms + SOCKET_TIMEOUT_MARGIN_MS:
         problems.append(
             f"socket_timeout_s ({s.socket_timeout_s:g}) must exceed block_ms ({s.block_ms}) by at least "
@@ -123,12 +126,23 @@ def _format_problems(s: Settings) -> list[str]:
         problems.append(f"group_start_id must be 0 or $, got {s.group_start_id!r}")
     if not s.consumer_prefix or any(c.isspace() for c in s.consumer_prefix):
         problems.append(f"consumer_prefix must be a non-empty word, got {s.consumer_prefix!r}")
-    if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        problems.append(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {s.log_level!r}")
-    if s.log_format not in ("text", "json"):
-        problems.append(f"log_format must be text or json, got {s.log_format!r}")
+    problems += logging_problems(s.log_level, s.log_format)
     url_problem = _url_problem(s.redis_url)
     return [*problems, url_problem] if url_problem else problems
+
+
+def logging_problems(level: str, fmt: str) -> list[str]:
+    problems = []
+    if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        problems.append(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
+    if fmt not in ("text", "json"):
+        problems.append(f"log_format must be text or json, got {fmt!r}")
+    return problems
+
+
+def environ_value(field_name: str) -> str | None:
+    """A setting's environment variable, if set: for what must be known before the settings are resolved."""
+    return os.environ.get(env_name(field_name)) or None
 
 
 def _url_problem(url: str) -> str | None:

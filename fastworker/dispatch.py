@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 Outcome = BaseException | None
 INLINE_BUDGET_S = 0.002  # how long the first lane runs alone before the others open
+RECORD_TIMEOUT_S = 30.0  # a pool thread waits this long for the loop to write an idempotency record
 MIN_SYNC_CHUNK = 64  # messages per thread-pool job at least: a hop to a thread costs tens of microseconds
 
 
@@ -165,7 +166,10 @@ class Dispatcher:
             elif record is None:  # a twin in this very batch: it comes back after claim idle, and is skipped then
                 settlement.retry(message)
             else:
-                worker_id, outputs = decode_record(record)
+                try:
+                    worker_id, outputs = decode_record(record)
+                except (ValueError, KeyError, TypeError):  # not a record of ours: the key says done, trust it
+                    worker_id, outputs = "", []
                 # The same entry again (its settlement was lost): publish what its handler emitted. Another entry
                 # with the same key (a producer's duplicate): that entry's own settlement publishes the results.
                 message.outputs = outputs if worker_id == message.id and outputs else None
@@ -192,7 +196,7 @@ class Dispatcher:
 
         def call_sync(message: Message) -> None:  # runs in a pool thread: the record is written by the loop
             func(message)
-            asyncio.run_coroutine_threadsafe(record(message), loop).result()
+            asyncio.run_coroutine_threadsafe(record(message), loop).result(timeout=RECORD_TIMEOUT_S)
 
         return call_sync
 
@@ -280,8 +284,10 @@ class Dispatcher:
         return self._executor
 
     def close(self) -> None:
+        # Never join user threads on the event loop: the drain has waited as long as it may, and a thread that is
+        # still running (a sync handler past its timeout) must not hold the process after the grace period.
         if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
 
 

@@ -40,6 +40,7 @@ class Worker:
         self.consumers: list[Consumer] = []
         self.reclaimer: Reclaimer | None = None
         self.ready = asyncio.Event()
+        self.failed = False  # a loop died of a bug: the process must exit non-zero so that it is restarted
         self._stop = asyncio.Event()
 
     async def run(self, wait_for_server: bool = False) -> None:
@@ -92,6 +93,7 @@ class Worker:
         if not task.cancelled() and task.exception() is not None and not self._stop.is_set():
             # A loop only ends early on a bug: stop the worker rather than run with a silent hole in it.
             logger.error("%s failed; stopping the worker", task.get_name(), exc_info=task.exception())
+            self.failed = True
             self.stop()
 
     def stop(self) -> None:
@@ -105,7 +107,7 @@ class Worker:
         for task in pending:
             task.cancel()
         if pending:
-            logger.warning("shutdown grace of %.0f s ran out: %d loops abandoned, their entries stay pending",
+            logger.warning("shutdown grace of %g s ran out: %d loops abandoned, their entries stay pending",
                            self.settings.shutdown_grace_s, len(pending))
             await asyncio.wait(pending, timeout=2)
         for task in done:
@@ -178,7 +180,7 @@ async def serve(worker: Worker, wait_for_server: bool = False) -> int:
         if not interrupted:
             raise
         return ExitCode.INTERRUPTED
-    return ExitCode.OK
+    return ExitCode.FAILURE if worker.failed else ExitCode.OK
 
 
 def run(app: App, settings: Settings | None = None, names: list[str] | None = None) -> int:

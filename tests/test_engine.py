@@ -230,7 +230,7 @@ async def test_handler_timeout_leaves_the_entry_pending_for_retry(server: Embedd
         if msg.deliveries == 1:
             await asyncio.sleep(10)
 
-    settings = make_settings(server, uid, claim_idle_ms=300, handler_timeout_s=0.2)
+    settings = make_settings(server, uid, claim_idle_ms=300, handler_timeout_s=0.15)
     async with RunningWorker(app, settings) as worker:
         await wait_for(lambda: _true(worker.stats.total("acked") == 1), what="the retry to succeed")
     assert calls == [1, 2]

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         return ExitCode.USAGE
     flags = flag_values(args)
     # Short claim idle so the failing jobs' retries and dead letters happen within the demo.
-    demo_defaults = {"claim_idle_ms": 500, "claim_interval_ms": 250, "handler_timeout_s": 0.4, "max_deliveries": 3}
+    demo_defaults = {"claim_idle_ms": 500, "claim_interval_ms": 250, "handler_timeout_s": 0.3, "max_deliveries": 3}
     with contextlib.ExitStack() as stack:
         if "redis_url" not in flags:
             server = stack.enter_context(EmbeddedServer())
@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         settings, _ = load_settings({**{k: str(v) for k, v in demo_defaults.items()}, **flags})
         supervisor = Supervisor("fastworker.demo:app", demo.app, settings)
         emulation = AppEmulation(settings.redis_url, args.jobs, args.rate, args.fail_rate, args.timeout_s)
+        emulation.dead_letter_suffix = settings.dead_letter_suffix
         supervisor.on_started.append(emulation.start)
         code = supervisor.run()
         if emulation.error:
@@ -83,6 +84,7 @@ class AppEmulation:
         self.first_pass = 0.0  # when every job that can succeed had succeeded
         self.finished = 0.0
         self.error: str | None = None
+        self.dead_letter_suffix = ":dead"
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self, supervisor: Supervisor) -> None:
@@ -153,7 +155,8 @@ class AppEmulation:
               f"all settled after {self.finished - self.started:.2f} s")
         client = aioredis.Redis.from_url(self.url)
         try:
-            rows = [await _stream_row(client, stream, demo.GROUPS[stream], totals) for stream in STREAMS]
+            rows = [await _stream_row(client, stream, demo.GROUPS[stream], totals, self.dead_letter_suffix)
+                    for stream in STREAMS]
             rows += [(stream, await client.xlen(stream), "-", "-", "-", "results")
                      for stream in (demo.ANALYSIS_RESULTS, demo.FEATURES_COMPUTED)]
         finally:
@@ -178,8 +181,8 @@ async def _pace(started: float, sent: int, rate: float) -> None:
         await asyncio.sleep(ahead)
 
 
-async def _stream_row(client: aioredis.Redis, stream: str, group: str,
-                      totals: dict[tuple[str, str, str], int]) -> tuple[Any, ...]:
+async def _stream_row(client: aioredis.Redis, stream: str, group: str, totals: dict[tuple[str, str, str], int],
+                      dead_letter_suffix: str) -> tuple[Any, ...]:
     pending = (await client.xpending(stream, group))["pending"]
-    dead = await client.xlen(stream + ":dead")
+    dead = await client.xlen(stream + dead_letter_suffix)
     return stream, await client.xlen(stream), pending, dead, totals.get((stream, group, "acked"), 0), group
