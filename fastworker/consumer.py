@@ -109,7 +109,8 @@ class Consumer:
         self._outage.recovered()
         if not batch:
             return None
-        new = await self.dispatcher.dispatch(self.group, self.handlers, batch)
+        with KeepClaimed(self, batch):
+            new = await self.dispatcher.dispatch(self.group, self.handlers, batch)
         self.stats.record(new, {stream: len(messages) for stream, messages in batch.items()})
         return new
 
@@ -158,6 +159,47 @@ class Consumer:
         else:
             await self._outage.failed(error, self.stopping)  # the group exists, the error persists: slow down
         self._history = dict.fromkeys(self.handlers, "0")
+
+
+class KeepClaimed:
+    """While a batch is being handled, refresh its entries' idle time every claim_idle_ms / 2.
+
+    An entry's idle time runs from its delivery, and the last entries of a long batch wait for the first ones: without
+    this, a batch that takes longer than the claim idle time would be claimed and handled again elsewhere, with no
+    crash at all. Costs nothing for batches shorter than half the claim idle time (one timer, cancelled).
+    """
+
+    def __init__(self, consumer: Consumer, batch: dict[str, list[Message]]) -> None:
+        self.consumer = consumer
+        self.batch = batch
+        self.every_s = consumer.settings.claim_idle_ms / 2000
+        self.timer: asyncio.TimerHandle | None = None
+        self.refresh: asyncio.Task[None] | None = None
+        self.done = False
+
+    def __enter__(self) -> KeepClaimed:
+        self.timer = asyncio.get_running_loop().call_later(self.every_s, self._due)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.refresh is not None:
+            self.refresh.cancel()
+
+    def _due(self) -> None:
+        self.refresh = asyncio.ensure_future(self._refresh())
+
+    async def _refresh(self) -> None:
+        consumer = self.consumer
+        try:
+            await consumer.streams.keep_claimed(consumer.group, consumer.name, self.batch)
+        except FastworkerError as exc:  # the server is away: the consumer's own loop will say so
+            logger.debug("could not refresh a long batch's idle time: %s", exc)
+        finally:
+            if not self.done:
+                self.timer = asyncio.get_running_loop().call_later(self.every_s, self._due)
 
 
 def _id(entry: RawEntry) -> str:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -407,6 +407,15 @@ class Streams:
                     if not str(exc).startswith("BUSYGROUP"):
                         raise
         return created
+
+    async def keep_claimed(self, group: str, consumer: str, batch: Mapping[str, Sequence[Message]]) -> None:
+        """Reset the idle time of a batch still being handled (XCLAIM ... JUSTID to its own consumer, which does
+        not count a delivery), so that no reclaimer takes live work while the batch's later entries wait."""
+        with translated(self.url):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for stream, messages in batch.items():
+                    pipe.xclaim(stream, group, consumer, 0, [message.raw_id for message in messages], justid=True)
+                await pipe.execute()
 
     async def done_marks(self, keys: Sequence[str]) -> list[bytes | None]:
         """The idempotency records of `keys` (None where there is none), in one round trip."""

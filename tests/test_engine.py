@@ -399,3 +399,24 @@ async def test_reclaimer_counts_deliveries_of_claims_among_its_own_pending(serve
     assert {m.id for m in seen} == set(own)
     dead = [f for _, f in await rc.xrange(f"{stream}:dead")]
     assert {f[b"fw:error_class"] for f in dead} == {b"MaxDeliveriesExceeded"}
+
+
+async def test_long_batch_is_not_claimed_while_it_is_handled(server: EmbeddedServer, rc: aioredis.Redis,
+                                                             uid: str) -> None:
+    # Ten calls of 80 ms one after another: the last entries wait 0.8 s, twice the claim idle time.
+    stream, group = f"{uid}:jobs", f"{uid}-g"
+    await publish(rc, stream, [{"n": i} for i in range(10)])
+    calls: list[int] = []
+    app = App()
+
+    @app.handler(stream, group=group)
+    async def slow(msg: Message) -> None:
+        calls.append(msg.payload["n"])
+        await asyncio.sleep(0.08)
+
+    settings = make_settings(server, uid, claim_idle_ms=400, claim_interval_ms=50, handler_timeout_s=0.2,
+                             concurrency=1)
+    async with RunningWorker(app, settings) as worker:
+        await wait_for(lambda: _true(worker.stats.total("acked") >= 10), what="all ten acked")
+    assert sorted(calls) == list(range(10))  # each handled once: nothing was claimed from under the batch
+    assert worker.stats.total("claimed") == 0
