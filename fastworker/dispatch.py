@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastworker.app import Dedup, Handler
+from fastworker.config import TIMEOUT_OVERSHOOT
 from fastworker.errors import FastworkerError, Reject, Retry
 from fastworker.message import Message, decode_record, encode_record
 from fastworker.policy import Action, decide, exhausted
@@ -257,10 +258,17 @@ class Dispatcher:
         chunk = list(pending_share(pending, len(outcomes), lanes))
         if not chunk:
             return
+        job = _SyncChunk(func, [message for _, message in chunk])
         async with self._slots:
-            results = await asyncio.get_running_loop().run_in_executor(self._pool(), _call_sync_each, func, chunk)
-        for (index, _), outcome in zip(chunk, results, strict=True):
-            outcomes[index] = outcome
+            done = asyncio.get_running_loop().run_in_executor(self._pool(), job.run)
+            try:
+                # A thread cannot be interrupted: past the chunk's time, stop waiting and stop it taking more.
+                await asyncio.wait_for(done, self.handler_timeout_s * TIMEOUT_OVERSHOOT * len(chunk))
+            except TimeoutError:
+                job.abandoned = True
+        late = HandlerTimeout(f"sync handler ran longer than {self.handler_timeout_s:g} s a message")
+        for position, (index, _) in enumerate(chunk):
+            outcomes[index] = job.outcomes[position] if position < len(job.outcomes) else late
 
     async def _run_batch(self, handler: Handler, messages: list[Message]) -> list[Outcome]:
         """A batch handler gets every message at once. Raising fails all of them; returning a mapping of entry
@@ -271,7 +279,9 @@ class Dispatcher:
                     async with asyncio.timeout(self.handler_timeout_s):
                         result = await handler.func(messages)
                 else:
-                    result = await asyncio.get_running_loop().run_in_executor(self._pool(), handler.func, messages)
+                    result = await asyncio.wait_for(
+                        asyncio.get_running_loop().run_in_executor(self._pool(), handler.func, messages),
+                        self.handler_timeout_s * TIMEOUT_OVERSHOOT)
             except Exception as exc:  # user code
                 return [exc] * len(messages)
         if isinstance(result, Mapping):
@@ -301,16 +311,25 @@ def pending_share(pending: Any, total: int, lanes: int) -> Any:
         yield item
 
 
-def _call_sync_each(func: Callable[[Message], Any], chunk: list[tuple[int, Message]]) -> list[Outcome]:
-    outcomes: list[Outcome] = []
-    for _, message in chunk:
-        try:
-            func(message)
-        except Exception as exc:  # user code, in a pool thread
-            outcomes.append(exc)
-        else:
-            outcomes.append(None)
-    return outcomes
+class _SyncChunk:
+    """Messages for a sync handler, handled one after another in a pool thread; outcomes fill in as they come."""
+
+    def __init__(self, func: Callable[[Message], Any], messages: list[Message]) -> None:
+        self.func = func
+        self.messages = messages
+        self.outcomes: list[Outcome] = []
+        self.abandoned = False  # set by the loop once it stopped waiting: take no more messages
+
+    def run(self) -> None:
+        for message in self.messages:
+            if self.abandoned:
+                return
+            try:
+                self.func(message)
+            except Exception as exc:  # user code, in a pool thread
+                self.outcomes.append(exc)
+            else:
+                self.outcomes.append(None)
 
 
 def _log_failures(handler: Handler, failures: list[tuple[Message, BaseException, Action]]) -> None:

@@ -84,11 +84,18 @@ class Monitor:
     # -- timers ---------------------------------------------------------------------------------------------
 
     async def _every(self, interval_s: float, job: Any) -> None:
+        failing = False
         while True:
             try:
                 await job()
-            except FastworkerError as exc:  # the server is down: the workers ride it out, so do we
-                logger.debug("%s failed: %s", job.__name__, exc)
+            except FastworkerError as exc:  # e.g. the server is down: the workers ride it out, so do we
+                if not failing:  # once per run of failures, not every interval
+                    logger.warning("%s failed: %s; retrying every %g s", job.__name__.strip("_"), exc, interval_s)
+                failing = True
+            else:
+                if failing:
+                    logger.warning("%s works again", job.__name__.strip("_"))
+                failing = False
             await asyncio.sleep(interval_s)
 
     async def _sample(self) -> None:

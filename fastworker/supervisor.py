@@ -23,7 +23,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -300,9 +299,14 @@ def _child_init(settings: Settings, index: int) -> None:
 
 
 def _child_main(unit: Any) -> None:
-    """aiomultiprocess process target: run the coroutine, then exit with the code it returned."""
+    """aiomultiprocess process target: run the coroutine, then exit with the code it returned.
+
+    Exits with os._exit: the interpreter's normal exit joins the handler thread pool, and a sync handler stuck past
+    its timeout would keep the process alive after its drain (its entries are pending, nothing is lost).
+    """
     code = aiomultiprocess.Process.run_async(unit)
-    sys.exit(code)
+    logging.shutdown()
+    os._exit(code)
 
 
 async def worker_process(app_ref: str, settings: Settings, names: list[str], conn: Connection,

@@ -420,3 +420,25 @@ async def test_long_batch_is_not_claimed_while_it_is_handled(server: EmbeddedSer
         await wait_for(lambda: _true(worker.stats.total("acked") >= 10), what="all ten acked")
     assert sorted(calls) == list(range(10))  # each handled once: nothing was claimed from under the batch
     assert worker.stats.total("claimed") == 0
+
+
+async def test_sync_handler_past_its_timeout_is_retried(server: EmbeddedServer, rc: aioredis.Redis,
+                                                        uid: str) -> None:
+    import time
+
+    stream, group = f"{uid}:jobs", f"{uid}-g"
+    await publish(rc, stream, [{"n": 1}])
+    calls: list[int] = []
+    app = App()
+
+    @app.handler(stream, group=group)
+    def stuck_once(msg: Message) -> None:  # sync: runs in a thread, which no timeout can interrupt
+        calls.append(msg.deliveries)
+        if msg.deliveries == 1:
+            time.sleep(1.0)
+
+    settings = make_settings(server, uid, claim_idle_ms=300, handler_timeout_s=0.1)
+    async with RunningWorker(app, settings) as worker:
+        await wait_for(lambda: _true(worker.stats.total("acked") == 1), what="the retry to succeed")
+    assert calls == [1, 2]
+    assert worker.stats.total("retried") == 1
