@@ -69,8 +69,9 @@ class Settings:
     log_format: str = _field("text", help="text or json (one object a line)")
 
     def __post_init__(self) -> None:
-        for problem in _problems(self):
-            raise ConfigError(problem)
+        problems = _problems(self)
+        if problems:
+            raise ConfigError("; ".join(problems))
 
     @property
     def consumer_count(self) -> int:

@@ -87,15 +87,18 @@ class Dispatcher:
     def _runnable(self, messages: list[Message], dead_stream: str, settlement: Settlement) -> list[Message]:
         """The messages a handler may see; the undecodable and the exhausted are dead-lettered instead."""
         limit = self.max_deliveries
-        unfit = [m for m in messages if m.error is not None or m.deliveries > limit]
+        unfit = [m for m in messages if m.error is not None or exhausted(m.deliveries, limit)]
+        if not unfit:
+            return messages
         for message in unfit:
-            if message.error is not None:
-                kind = "EntryDeleted" if not message.raw_fields else "DecodeError"
-                settlement.dead_letter(message, dead_stream, kind, message.error)
-            elif exhausted(message.deliveries, limit):
+            if message.error is None:
                 settlement.dead_letter(message, dead_stream, "MaxDeliveriesExceeded",
                                        f"delivered {message.deliveries} times without being settled")
-        return [m for m in messages if m.error is None and m.deliveries <= limit] if unfit else messages
+            else:
+                kind = "EntryDeleted" if not message.raw_fields else "DecodeError"
+                settlement.dead_letter(message, dead_stream, kind, message.error)
+        dead = set(map(id, unfit))
+        return [m for m in messages if id(m) not in dead]
 
     async def _stream(self, handler: Handler, messages: list[Message], settlement: Settlement) -> None:
         dead_stream = handler.stream + self.dead_letter_suffix
@@ -205,7 +208,6 @@ class Dispatcher:
                           budget_s: float | None = None) -> int:
         """Call `func` on messages from the shared iterator, one after another; returns how many it handled.
         With a budget, stops taking messages once the budget is spent."""
-        handled = 0
         async with self._slots:
             lane = _Lane(asyncio.current_task())
             self._watch(lane)
@@ -213,7 +215,6 @@ class Dispatcher:
             try:
                 for index, message in pending:
                     lane.calls += 1
-                    handled += 1
                     try:
                         await func(message)
                     except asyncio.CancelledError:
@@ -225,11 +226,11 @@ class Dispatcher:
                     else:
                         if lane.expired:  # the handler swallowed our cancellation and returned
                             outcomes[index] = lane.clear_expiry(self.handler_timeout_s)
-                    if deadline is not None and not handled & 15 and time.perf_counter() > deadline:
+                    if deadline is not None and not lane.calls & 15 and time.perf_counter() > deadline:
                         break  # looked at every 16 calls: the clock costs as much as a no-op handler
             finally:
                 self._lanes.discard(lane)
-        return handled
+        return lane.calls
 
     def _watch(self, lane: _Lane) -> None:
         self._lanes.add(lane)

@@ -75,7 +75,8 @@ class Message:
         return f"<Message {self.stream} {self.id} deliveries={self.deliveries}{state}>"
 
 
-def _text(value: bytes | str) -> str:
+def text(value: bytes | str) -> str:
+    """A name or id the server sent, as str."""
     return value.decode() if isinstance(value, bytes) else value
 
 
@@ -103,7 +104,7 @@ def decode_payload(raw: list[bytes], mode: PayloadMode, field: bytes) -> tuple[A
         if mode == "json":
             return None, f"missing payload field {field.decode()!r}"
     try:
-        return {_text(k): _text(v) for k, v in zip(raw[::2], raw[1::2], strict=True)}, None
+        return {text(k): text(v) for k, v in zip(raw[::2], raw[1::2], strict=True)}, None
     except UnicodeDecodeError as exc:
         return None, f"field names or values are not UTF-8: {exc}"
 
@@ -125,7 +126,7 @@ def decode_entries(stream: str, entries: Iterable[RawEntry], deliveries: int | M
     fast = mode in ("auto", "json")
     for entry_id, sent in entries:
         if counts is not None:
-            count = counts.get(_text(entry_id), 1)
+            count = counts.get(text(entry_id), 1)
         if fast and sent and len(sent) == 2 and sent[0] == field_bytes:
             try:
                 append(Message(stream, entry_id, sent, loads(sent[1]), count))
@@ -135,10 +136,8 @@ def decode_entries(stream: str, entries: Iterable[RawEntry], deliveries: int | M
         if not sent:
             append(Message(stream, entry_id, [], None, count, "entry deleted before it was handled"))
             continue
-        # RESP3 servers may send a map
-        raw = [item for pair in sent.items() for item in pair] if isinstance(sent, dict) else sent
-        payload, error = decode_payload(raw, mode, field_bytes)
-        append(Message(stream, entry_id, raw, payload, count, error))
+        payload, error = decode_payload(sent, mode, field_bytes)
+        append(Message(stream, entry_id, sent, payload, count, error))
     return messages
 
 

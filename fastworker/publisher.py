@@ -29,7 +29,7 @@ import uvloop
 
 from fastworker.config import Settings
 from fastworker.errors import FastworkerError, RedisCommandError
-from fastworker.message import DEFAULT_PAYLOAD_FIELD, FieldValue
+from fastworker.message import DEFAULT_PAYLOAD_FIELD, FieldValue, text
 from fastworker.streams import Streams, translate
 
 try:  # the bulk reply path reads the connection's hiredis reader directly (see _Replies)
@@ -89,10 +89,6 @@ def _value(value: FieldValue | str) -> bytes:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return repr(value).encode()
     raise TypeError(f"field values must be str, bytes, int or float, not {type(value).__name__}")
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _bulk(value: bytes) -> bytes:
@@ -321,7 +317,7 @@ async def explain(streams: Streams, stream: str, exc: BaseException, confirmed: 
     done = f"; {confirmed} entries were published before it" if confirmed is not None else ""
     if isinstance(exc, rex.ResponseError | RedisCommandError) and "WRONGTYPE" in str(exc):
         try:
-            kind = _text(await streams.redis.type(stream))
+            kind = text(await streams.redis.type(stream))
         except (rex.RedisError, OSError):
             kind = "value of another type"
         return StreamTypeError(f"key {stream!r} holds a {kind}, not a stream (WRONGTYPE): use another stream "
@@ -383,7 +379,7 @@ class Publisher:
                 "XADD", stream, *trim_args(maxlen, minid, approximate), "*", *flat)
         except (rex.RedisError, OSError) as exc:
             raise await explain(self.streams, stream, exc) from exc
-        return _text(reply)
+        return text(reply)
 
     async def publish_many(self, stream: str, payloads: Iterable[Any] | AsyncIterable[Any], *,
                            fields: Fields | None = None, on_progress: ProgressCallback | None = None,

@@ -37,7 +37,7 @@ from fastworker.errors import (
     RedisCommandError,
     RedisUnavailable,
 )
-from fastworker.message import FieldValue, Message, RawEntry
+from fastworker.message import FieldValue, Message, RawEntry, text
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +67,6 @@ def translated(url: str = "") -> Iterator[None]:
         yield
     except (rex.RedisError, OSError) as exc:
         raise translate(exc, url) from exc
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 # Settles the entries that publish something (results or a dead letter), atomically: an entry's outputs are
@@ -175,10 +171,6 @@ class Settlement:
     @property
     def acked(self) -> int:
         return sum(self.acked_by_stream().values())
-
-    @property
-    def retried(self) -> int:
-        return sum(self.retried_by_stream.values())
 
     def __bool__(self) -> bool:
         return bool(self.acks or self.records)
@@ -322,8 +314,8 @@ class Channel:
         """One XAUTOCLAIM step: (next cursor, claimed entries, ids deleted while pending)."""
         reply = (await self.roundtrip([("XAUTOCLAIM", stream, group, consumer, min_idle_ms, cursor,
                                         "COUNT", count)]))[0]
-        deleted = [_text(i) for i in reply[2]] if len(reply) > 2 else []
-        return _text(reply[0]), reply[1], deleted
+        deleted = [text(i) for i in reply[2]] if len(reply) > 2 else []
+        return text(reply[0]), reply[1], deleted
 
     async def deliveries(self, stream: str, group: str, consumer: str, entries: Sequence[RawEntry]) -> dict[str, int]:
         """Delivery counts of `entries`, pending for `consumer` (XPENDING extended form over their id range).
@@ -331,15 +323,15 @@ class Channel:
         The range may hold other pending entries of the same consumer (earlier retries): pages on until every id
         is found, so a count is never missed and taken for a first delivery. Usually one round trip.
         """
-        wanted = {_text(entry[0]) for entry in entries}
+        wanted = {text(entry[0]) for entry in entries}
         counts: dict[str, int] = {}
-        start, last = _text(entries[0][0]), _text(entries[-1][0])
+        start, last = text(entries[0][0]), text(entries[-1][0])
         while not wanted <= counts.keys():
             rows = (await self.roundtrip([("XPENDING", stream, group, start, last, len(entries), consumer)]))[0]
-            counts.update((_text(row[0]), int(row[3])) for row in rows)
+            counts.update((text(row[0]), int(row[3])) for row in rows)
             if len(rows) < len(entries):
                 break  # the range is exhausted: the rest were settled or claimed meanwhile
-            start = "(" + _text(rows[-1][0])
+            start = "(" + text(rows[-1][0])
         return counts
 
     async def reset(self) -> None:
@@ -359,8 +351,8 @@ def _stream_entries(reply: Any) -> dict[str, list[RawEntry]]:
     if not reply:
         return {}
     if isinstance(reply, dict):  # RESP3
-        return {_text(stream): entries for stream, entries in reply.items() if entries}
-    return {_text(stream): entries for stream, entries in reply if entries}  # RESP2
+        return {text(stream): entries for stream, entries in reply.items() if entries}
+    return {text(stream): entries for stream, entries in reply if entries}  # RESP2
 
 
 class Streams:

@@ -80,7 +80,6 @@ class Supervisor:
         self.slots = [Slot(index, names)
                       for index, names in enumerate(shard(settings.consumer_names(), settings.processes))]
         self.crashes: deque[float] = deque()
-        self.started_at = time.monotonic()
         self.restarts_total = 0
         self._stopping = False
         self._done: asyncio.Future[int] | None = None

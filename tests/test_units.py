@@ -43,11 +43,6 @@ def test_decode_entries_keeps_order_ids_and_delivery_counts() -> None:
     assert [(m.id, m.payload, m.deliveries) for m in messages] == [("1-0", 1, 4), ("2-0", None, 1), ("3-0", 3, 2)]
 
 
-def test_decode_entries_accepts_resp3_maps() -> None:
-    [message] = decode_entries("s", [[b"1-0", {b"data": b"7"}]], 1)
-    assert message.payload == 7
-
-
 @pytest.mark.parametrize(("error", "deliveries", "action"), [
     (None, 1, Action.ACK),
     (None, 9, Action.ACK),

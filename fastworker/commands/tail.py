@@ -26,7 +26,7 @@ import uvloop
 from fastworker.cli import add_connection_flags, settings_from_args
 from fastworker.config import Settings
 from fastworker.errors import ExitCode, FastworkerError
-from fastworker.message import DEFAULT_PAYLOAD_FIELD, RawEntry
+from fastworker.message import DEFAULT_PAYLOAD_FIELD, RawEntry, text
 from fastworker.publisher import explain
 from fastworker.streams import Channel, Streams
 
@@ -144,7 +144,7 @@ class Tail:
         if count <= PAGE:
             newest_first = await self._call("XREVRANGE", self.stream, "+", "-", "COUNT", count)
             self._write(reversed(newest_first))
-            return _text(newest_first[0][0]) if newest_first else None
+            return text(newest_first[0][0]) if newest_first else None
         # Walk back to the first of the last `count` entries, then print forward: one page in memory at a time.
         first, seen, end = None, 0, "+"
         while seen < count:
@@ -152,7 +152,7 @@ class Tail:
             if not page:
                 break
             seen += len(page)
-            first = _text(page[-1][0])
+            first = text(page[-1][0])
             end = "(" + first
         return await self._forward(first, count) if first else None
 
@@ -164,7 +164,7 @@ class Tail:
             entries = _xread_entries(reply)
             if entries:
                 self._write(entries)
-                cursor = _text(entries[-1][0])
+                cursor = text(entries[-1][0])
 
     async def _forward(self, start: str, count: int) -> str | None:
         last, left, low = None, count, start
@@ -174,7 +174,7 @@ class Tail:
                 break
             self._write(page)
             left -= len(page)
-            last = _text(page[-1][0])
+            last = text(page[-1][0])
             low = "(" + last
         return last
 
@@ -183,7 +183,7 @@ class Tail:
         if start is not None:
             return id_before(start)
         newest = await self._call("XREVRANGE", self.stream, "+", "-", "COUNT", 1)
-        return _text(newest[0][0]) if newest else "0-0"
+        return text(newest[0][0]) if newest else "0-0"
 
     async def _call(self, *command: str | int) -> Any:
         try:
@@ -224,7 +224,7 @@ def render(entry_id: bytes | str, raw: Any, payload_field: bytes = b"data") -> b
                 payload, decoded = orjson.loads(value), True
                 continue
         fields[_name(name)] = _shown(value)
-    return orjson.dumps({"id": _text(entry_id), "fields": fields, "payload": payload})
+    return orjson.dumps({"id": text(entry_id), "fields": fields, "payload": payload})
 
 
 def _name(name: bytes) -> str:
@@ -236,10 +236,6 @@ def _shown(value: bytes) -> str | dict[str, str]:
         return value.decode()
     except UnicodeDecodeError:
         return {"base64": base64.b64encode(value).decode()}
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _xread_entries(reply: Any) -> list[RawEntry]:

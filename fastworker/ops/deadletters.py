@@ -24,6 +24,7 @@ from typing import Any
 
 import redis.exceptions as rex
 
+from fastworker.ops.inspect import text
 from fastworker.streams import DEAD_FIELD_PREFIX, Streams, translated
 
 logger = logging.getLogger(__name__)
@@ -32,10 +33,6 @@ REQUEUES_FIELD = DEAD_FIELD_PREFIX + "requeues"
 DELETED_CLASS = "EntryDeleted"
 PAGE = 500
 WATCH_ATTEMPTS = 10
-
-
-def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def dead_letter_pair(name: str, suffix: str) -> tuple[str, str]:
@@ -93,7 +90,7 @@ class DeadLetter:
         return {"id": self.id, "source_stream": self.source_stream, "source_id": self.source_id,
                 "group": self.group, "error_class": self.error_class, "error": self.error,
                 "deliveries": self.deliveries, "dead_at_ms": self.dead_at_ms, "requeues": self.requeues,
-                "fields": {_text(k): _text(v) for k, v in self.original.items()}}
+                "fields": {text(k): text(v) for k, v in self.original.items()}}
 
 
 def _int(value: str | None) -> int | None:
@@ -108,8 +105,8 @@ def parse_dead_letter(entry_id: Any, fields: Any) -> DeadLetter:
     fields = fields or {}
     prefix = DEAD_FIELD_PREFIX.encode()
     original = {k: v for k, v in fields.items() if not k.startswith(prefix)}
-    meta = {_text(k)[len(DEAD_FIELD_PREFIX):]: _text(v) for k, v in fields.items() if k.startswith(prefix)}
-    return DeadLetter(_text(entry_id), original, meta)
+    meta = {text(k)[len(DEAD_FIELD_PREFIX):]: text(v) for k, v in fields.items() if k.startswith(prefix)}
+    return DeadLetter(text(entry_id), original, meta)
 
 
 async def _pages(streams: Streams, stream: str, start: str, end: str) -> AsyncIterator[list[Any]]:
@@ -122,7 +119,7 @@ async def _pages(streams: Streams, stream: str, start: str, end: str) -> AsyncIt
         yield page
         if len(page) < PAGE:
             return
-        start = "(" + _text(page[-1][0])
+        start = "(" + text(page[-1][0])
 
 
 async def list_dead_letters(streams: Streams, dead_stream: str, *, start: str = "-", end: str = "+",
@@ -197,7 +194,7 @@ async def _requeue_one(streams: Streams, dead_stream: str, dead_id: str, default
                     pipe.xadd(source, requeue_fields(letter))
                     pipe.xdel(dead_stream, dead_id)
                     new_id, _ = await pipe.execute()
-                    return "requeued", source, _text(new_id)
+                    return "requeued", source, text(new_id)
                 except rex.WatchError:
                     continue  # another dead letter arrived meanwhile: read again and retry
     return "skipped", f"the dead-letter stream kept changing; gave up after {WATCH_ATTEMPTS} attempts"

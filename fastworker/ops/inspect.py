@@ -29,7 +29,8 @@ DEFAULT_DEAD_AFTER_MS = 3_600_000
 MAX_SEQ = 2**64 - 1
 
 
-def _text(value: Any) -> str:
+def text(value: Any) -> str:
+    """A reply value as str, undecodable bytes replaced: for showing, never for deciding."""
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
@@ -151,7 +152,7 @@ class Snapshot:
 async def list_streams(streams: Streams, match: str | None = None) -> list[str]:
     """Every stream key on the server (SCAN TYPE stream), sorted."""
     with translated(streams.url):
-        names = {_text(key) async for key in streams.redis.scan_iter(match=match, count=1000, _type="stream")}
+        names = {text(key) async for key in streams.redis.scan_iter(match=match, count=1000, _type="stream")}
     return sorted(names)
 
 
@@ -194,7 +195,7 @@ async def inspect_stream(streams: Streams, name: str, dead_letter_suffix: str = 
     dead_letters = _dead_letters(replies[5]) if dead_stream is not None else None
     missing = StreamInfo(name, False, is_dead, 0, None, None, None, None, None, [], dead_stream, dead_letters)
     url = streams.url
-    if _failed(kind, url) or _text(kind) != "stream" or _failed(info, url) or _failed(groups, url):
+    if _failed(kind, url) or text(kind) != "stream" or _failed(info, url) or _failed(groups, url):
         return missing
     first_id, last_id = _entry_id(info.get("first-entry")), _entry_id(info.get("last-entry"))
     group_infos = await _groups(streams, name, groups, dead_after_ms, now_ms)
@@ -219,7 +220,7 @@ def _dead_letters(reply: Any) -> int | None:
 def _entry_id(entry: Any) -> str | None:
     if not entry:
         return None
-    return _text(entry[0])
+    return text(entry[0])
 
 
 async def _groups(streams: Streams, stream: str, groups: list[dict[str, Any]], dead_after_ms: int,
@@ -247,24 +248,24 @@ async def _groups(streams: Streams, stream: str, groups: list[dict[str, Any]], d
 def _group(group: dict[str, Any], consumers: list[dict[str, Any]], oldest: list[dict[str, Any]],
            dead_after_ms: int, now_ms: int) -> GroupInfo:
     consumer_infos = [
-        ConsumerInfo(_text(c["name"]), int(c["pending"]), int(c["idle"]),
+        ConsumerInfo(text(c["name"]), int(c["pending"]), int(c["idle"]),
                      int(c["pending"]) == 0 and int(c["idle"]) > dead_after_ms)
         for c in consumers
     ]
     first = oldest[0] if oldest else None
-    oldest_id = _text(first["message_id"]) if first else None
+    oldest_id = text(first["message_id"]) if first else None
     return GroupInfo(
-        name=_text(group["name"]),
+        name=text(group["name"]),
         consumers=consumer_infos,
         pending=int(group["pending"]),
         lag=_int_or_none(group.get("lag")),
-        last_delivered_id=_text(group["last-delivered-id"]),
+        last_delivered_id=text(group["last-delivered-id"]),
         entries_read=_int_or_none(group.get("entries-read")),
         oldest_pending_id=oldest_id,
         oldest_pending_age_ms=age_ms(oldest_id, now_ms),
         oldest_pending_idle_ms=int(first["time_since_delivered"]) if first else None,
         oldest_pending_deliveries=int(first["times_delivered"]) if first else None,
-        oldest_pending_consumer=_text(first["consumer"]) if first else None,
+        oldest_pending_consumer=text(first["consumer"]) if first else None,
     )
 
 
@@ -282,7 +283,7 @@ async def groups_info(streams: Streams, stream: str) -> list[dict[str, Any]] | N
 async def group_names(streams: Streams, stream: str) -> list[str] | None:
     """The consumer groups of `stream`, or None when the stream does not exist."""
     groups = await groups_info(streams, stream)
-    return None if groups is None else [_text(group["name"]) for group in groups]
+    return None if groups is None else [text(group["name"]) for group in groups]
 
 
 # --- health -------------------------------------------------------------------------------------------------------

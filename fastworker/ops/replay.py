@@ -17,7 +17,7 @@ from typing import Any
 import redis.exceptions as rex
 
 from fastworker.errors import FastworkerError
-from fastworker.ops.inspect import format_id, parse_id
+from fastworker.ops.inspect import format_id, parse_id, text
 from fastworker.streams import Streams, translated
 
 logger = logging.getLogger(__name__)
@@ -27,10 +27,6 @@ PAGE = 500
 
 class GroupNotFound(FastworkerError):
     """The stream or the consumer group does not exist."""
-
-
-def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def check_id(entry_id: str, specials: tuple[str, ...] = ()) -> str:
@@ -61,8 +57,8 @@ async def plan_replay(streams: Streams, stream: str, start: str, end: str, to_st
             page = await streams.redis.xrange(stream, cursor, end, count=PAGE)
         if not page:
             break
-        page_last: str = _text(page[-1][0])
-        first, last, count = first or _text(page[0][0]), page_last, count + len(page)
+        page_last: str = text(page[-1][0])
+        first, last, count = first or text(page[0][0]), page_last, count + len(page)
         if len(page) < PAGE:
             break
         cursor = "(" + page_last
@@ -87,10 +83,10 @@ async def replay(streams: Streams, plan: ReplayPlan) -> list[str]:
                 for _, fields in page:
                     copy: dict[Any, Any] = fields or {}
                     pipe.xadd(plan.to_stream, copy)
-                new_ids += [_text(i) for i in await pipe.execute()]
+                new_ids += [text(i) for i in await pipe.execute()]
         if len(page) < PAGE:
             break
-        cursor = "(" + _text(page[-1][0])
+        cursor = "(" + text(page[-1][0])
     logger.debug("replayed stream=%s first=%s last=%s to=%s count=%d", plan.stream, plan.first_id, plan.last_id,
                 plan.to_stream, len(new_ids))
     return new_ids
@@ -118,9 +114,9 @@ async def plan_reset(streams: Streams, stream: str, group: str, new_id: str) -> 
         except rex.ResponseError as exc:
             raise GroupNotFound(f"stream {stream!r} does not exist") from exc
     for info in groups:
-        if _text(info["name"]) == group:
+        if text(info["name"]) == group:
             lag = info.get("lag")
-            return ResetPlan(stream, group, _text(info["last-delivered-id"]), new_id, int(info["pending"]),
+            return ResetPlan(stream, group, text(info["last-delivered-id"]), new_id, int(info["pending"]),
                              None if lag is None else int(lag))
     raise GroupNotFound(f"stream {stream!r} has no group {group!r}")
 

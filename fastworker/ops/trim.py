@@ -22,7 +22,7 @@ import logging
 from typing import Any
 
 from fastworker.errors import FastworkerError
-from fastworker.ops.inspect import format_id, groups_info, min_id, next_id, parse_id, server_time_ms
+from fastworker.ops.inspect import format_id, groups_info, min_id, next_id, parse_id, server_time_ms, text
 from fastworker.streams import Streams, translated
 
 logger = logging.getLogger(__name__)
@@ -96,12 +96,12 @@ async def group_bounds(streams: Streams, stream: str) -> list[Bound] | None:
     with translated(streams.url):
         bounds = []
         for group in groups:
-            name = _text(group["name"])
-            undelivered = next_id(_text(group["last-delivered-id"]))
+            name = text(group["name"])
+            undelivered = next_id(text(group["last-delivered-id"]))
             bounds.append(Bound(f"group {name}: entries after its last delivered id", undelivered))
             if int(group["pending"]):
                 summary = await streams.redis.xpending(stream, name)
-                bounds.append(Bound(f"group {name}: oldest pending entry", _text(summary["min"])))
+                bounds.append(Bound(f"group {name}: oldest pending entry", text(summary["min"])))
     return bounds
 
 
@@ -111,7 +111,7 @@ async def retention_bounds(streams: Streams, stream: str, retain_count: int, ret
         with translated(streams.url):
             newest = await streams.redis.xrevrange(stream, "+", "-", count=retain_count) or []
         # Fewer entries than the window: keep them all (0-1 is below every real id but 0-0).
-        keep_from = _text(newest[-1][0]) if len(newest) == retain_count else "0-0"
+        keep_from = text(newest[-1][0]) if len(newest) == retain_count else "0-0"
         bounds.append(Bound(f"retain the newest {retain_count} entries", keep_from))
     if retain_ms > 0:
         now_ms = await server_time_ms(streams)
@@ -163,7 +163,7 @@ async def _facts(streams: Streams, stream: str) -> tuple[int, int | None, str | 
             pipe.memory_usage(stream)
             pipe.xrange(stream, "-", "+", count=1)
             length, memory, first = await pipe.execute()
-    return int(length), None if memory is None else int(memory), _text(first[0][0]) if first else None
+    return int(length), None if memory is None else int(memory), text(first[0][0]) if first else None
 
 
 async def count_below(streams: Streams, stream: str, minid: str, cap: int = COUNT_CAP) -> int:
@@ -176,13 +176,9 @@ async def count_below(streams: Streams, stream: str, minid: str, cap: int = COUN
         count += len(page)
         if not page:
             break
-        cursor = "(" + _text(page[-1][0])
+        cursor = "(" + text(page[-1][0])
     return count
 
 
 async def _command(streams: Streams, *args: Any) -> Any:
     return await streams.redis.execute_command(*args)  # type: ignore[no-untyped-call]
-
-
-def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
