@@ -217,26 +217,6 @@ async def test_batch_handler_gets_the_batch_and_fails_single_entries(server: Emb
     assert sorted(f[b"fw:id"].decode() for _, f in await rc.xrange(f"{stream}:dead")) == ids[1::2]
 
 
-async def test_handler_timeout_leaves_the_entry_pending_for_retry(server: EmbeddedServer, rc: aioredis.Redis,
-                                                                   uid: str) -> None:
-    stream, group = f"{uid}:jobs", f"{uid}-g"
-    await publish(rc, stream, [{"n": 1}])
-    calls: list[int] = []
-    app = App()
-
-    @app.handler(stream, group=group)
-    async def handle(msg: Message) -> None:
-        calls.append(msg.deliveries)
-        if msg.deliveries == 1:
-            await asyncio.sleep(10)
-
-    settings = make_settings(server, uid, claim_idle_ms=300, handler_timeout_s=0.15)
-    async with RunningWorker(app, settings) as worker:
-        await wait_for(lambda: _true(worker.stats.total("acked") == 1), what="the retry to succeed")
-    assert calls == [1, 2]
-    assert worker.stats.total("retried") == 1
-
-
 async def _pending_is(rc: aioredis.Redis, stream: str, group: str, n: int) -> bool:
     return await pending_count(rc, stream, group) == n
 
@@ -422,22 +402,28 @@ async def test_long_batch_is_not_claimed_while_it_is_handled(server: EmbeddedSer
     assert worker.stats.total("claimed") == 0
 
 
-async def test_sync_handler_past_its_timeout_is_retried(server: EmbeddedServer, rc: aioredis.Redis,
-                                                        uid: str) -> None:
+@pytest.mark.parametrize("kind", ["async", "sync"])
+async def test_handler_past_its_timeout_is_retried(server: EmbeddedServer, rc: aioredis.Redis, uid: str,
+                                                   kind: str) -> None:
     import time
 
     stream, group = f"{uid}:jobs", f"{uid}-g"
     await publish(rc, stream, [{"n": 1}])
     calls: list[int] = []
-    app = App()
 
-    @app.handler(stream, group=group)
-    def stuck_once(msg: Message) -> None:  # sync: runs in a thread, which no timeout can interrupt
+    async def stuck_once_async(msg: Message) -> None:  # cancelled by the timeout watchdog
+        calls.append(msg.deliveries)
+        if msg.deliveries == 1:
+            await asyncio.sleep(10)
+
+    def stuck_once_sync(msg: Message) -> None:  # a thread: no timeout can interrupt it, its consumer moves on
         calls.append(msg.deliveries)
         if msg.deliveries == 1:
             time.sleep(1.0)
 
-    settings = make_settings(server, uid, claim_idle_ms=300, handler_timeout_s=0.1)
+    app = App()
+    app.handler(stream, group=group)(stuck_once_async if kind == "async" else stuck_once_sync)
+    settings = make_settings(server, uid, claim_idle_ms=300, handler_timeout_s=0.15)
     async with RunningWorker(app, settings) as worker:
         await wait_for(lambda: _true(worker.stats.total("acked") == 1), what="the retry to succeed")
     assert calls == [1, 2]
