@@ -20,13 +20,12 @@ from fastworker.config import TIMEOUT_OVERSHOOT
 from fastworker.errors import FastworkerError, Reject, Retry
 from fastworker.message import Message, decode_record, encode_record
 from fastworker.policy import Action, decide
-from fastworker.streams import Settlement, Streams
+from fastworker.streams import Recorder, Settlement, Streams
 
 logger = logging.getLogger(__name__)
 
 Outcome = BaseException | None
 INLINE_BUDGET_S = 0.002  # how long the first lane runs alone before the others open
-RECORD_TIMEOUT_S = 30.0  # a pool thread waits this long for the loop to write an idempotency record
 MIN_SYNC_CHUNK = 64  # messages per thread-pool job at least: a hop to a thread costs tens of microseconds
 
 
@@ -70,6 +69,7 @@ class Dispatcher:
         self.dead_letter_suffix = dead_letter_suffix
         self._slots = asyncio.Semaphore(concurrency)
         self._executor: ThreadPoolExecutor | None = None
+        self._recorder: Recorder | None = None  # idempotency records, for handlers with dedup
         self._lanes: set[_Lane] = set()
         self._watchdog: asyncio.TimerHandle | None = None
 
@@ -105,13 +105,15 @@ class Dispatcher:
         dead_stream = handler.stream + self.dead_letter_suffix
         runnable = self._runnable(messages, dead_stream, settlement)
         func = handler.func
+        records: list[tuple[Message, asyncio.Future[None]]] = []
         if handler.dedup is not None and runnable:
             runnable = await self._skip_done(handler, handler.dedup, runnable, settlement)
-            func = self._recording(handler.func, handler.dedup, settlement.group, handler.is_async)
+            func = self._recording(handler.func, handler.dedup, settlement.group, handler.is_async, records)
         if not runnable:
             return
         started = time.perf_counter()
         outcomes = await self._run(handler, func, runnable)
+        await self._confirm_records(records, runnable, outcomes)
         settlement.timings[handler.stream] = (time.perf_counter() - started, len(runnable))
         if not any(outcomes):  # the common case: everything succeeded
             settlement.ack_all(handler.stream, runnable)
@@ -183,27 +185,46 @@ class Dispatcher:
                     settlement.deduplicated_by_stream.get(message.stream, 0) + 1
         return fresh
 
-    def _recording(self, func: Callable[..., Any], dedup: Dedup, group: str, is_async: bool) -> Callable[..., Any]:
-        """`func`, followed at once by the idempotency record of the work it did."""
-        streams = self.streams
-        assert streams is not None
+    def _recording(self, func: Callable[..., Any], dedup: Dedup, group: str, is_async: bool,
+                   records: list[tuple[Message, asyncio.Future[None]]]) -> Callable[..., Any]:
+        """`func`, followed at once by the idempotency record of the work it did (its write confirmed later, per
+        batch: see `_confirm_records`)."""
+        if self._recorder is None:
+            assert self.streams is not None, "a Dispatcher for handlers with dedup needs streams"
+            self._recorder = self.streams.recorder()
+        recorder = self._recorder
 
-        async def record(message: Message) -> None:
-            await streams.mark_done(dedup.key(group, message), encode_record(message), dedup.ttl_s)
+        def record(message: Message) -> None:
+            key = dedup.key(group, message)
+            records.append((message, recorder.record(key, encode_record(message), dedup.ttl_s)))
 
         if is_async:
             async def call_async(message: Message) -> None:
                 await func(message)
-                await record(message)
+                record(message)
 
             return call_async
         loop = asyncio.get_running_loop()
 
-        def call_sync(message: Message) -> None:  # runs in a pool thread: the record is written by the loop
+        def call_sync(message: Message) -> None:  # in a pool thread: the loop queues the record, in order
             func(message)
-            asyncio.run_coroutine_threadsafe(record(message), loop).result(timeout=RECORD_TIMEOUT_S)
+            loop.call_soon_threadsafe(record, message)
 
         return call_sync
+
+    @staticmethod
+    async def _confirm_records(records: list[tuple[Message, asyncio.Future[None]]], runnable: list[Message],
+                               outcomes: list[Outcome]) -> None:
+        """Wait for the batch's idempotency records; an entry whose record failed is not acked (retried later)."""
+        if not records:
+            return
+        results = await asyncio.gather(*(done for _, done in records), return_exceptions=True)
+        failed = {id(message): result for (message, _), result in zip(records, results, strict=True)
+                  if isinstance(result, BaseException)}
+        if failed:
+            for position, message in enumerate(runnable):
+                if id(message) in failed and outcomes[position] is None:
+                    outcomes[position] = failed[id(message)]
 
     async def _async_lane(self, func: Callable[[Message], Awaitable[Any]], pending: Any, outcomes: list[Outcome],
                           budget_s: float | None = None) -> int:

@@ -428,3 +428,15 @@ async def test_handler_past_its_timeout_is_retried(server: EmbeddedServer, rc: a
         await wait_for(lambda: _true(worker.stats.total("acked") == 1), what="the retry to succeed")
     assert calls == [1, 2]
     assert worker.stats.total("retried") == 1
+
+
+async def test_dedup_records_the_work_of_sync_handlers(server: EmbeddedServer, rc: aioredis.Redis,
+                                                       uid: str) -> None:
+    stream, group = f"{uid}:jobs", f"{uid}-g"
+    await publish(rc, stream, [{"job_id": f"job-{i}"} for i in range(200)])
+    app = App()
+    app.handler(stream, group=group, dedup=Dedup(field="job_id", ttl_s=60))(lambda msg: None)
+    async with RunningWorker(app, make_settings(server, uid)) as worker:
+        await wait_for(lambda: _true(worker.stats.total("acked") == 200), what="all acked")
+    keys = [f"fw:done:{group}:job_id:job-{i}" for i in range(200)]
+    assert all(await rc.mget(keys))
