@@ -67,8 +67,14 @@ class Settings:
     dead_consumer_idle_s: float = _field(86400.0, help="drop consumers idle this long with nothing pending (0: never)")
     log_level: str = _field("INFO", help="DEBUG, INFO, WARNING or ERROR")
     log_format: str = _field("text", help="text or json (one object a line)")
+    output_streams: tuple[str, ...] = _field((), help="streams the handlers write results to, comma-separated: "
+                                             "housekeeping trims them by the output limits below (default none)")
+    output_max_age_s: float = _field(86400.0, help="output streams keep nothing older than this (0: no age limit)")
+    output_max_len: int = _field(0, help="output streams keep at most this many newest entries (0: no limit)")
 
     def __post_init__(self) -> None:
+        if not isinstance(self.output_streams, tuple):  # a comma list or any iterable given in code
+            object.__setattr__(self, "output_streams", split_list(self.output_streams))
         problems = _problems(self)
         if problems:
             raise ConfigError("; ".join(problems))
@@ -94,7 +100,7 @@ def _range_problems(s: Settings) -> list[str]:
         ("batch_size", 1), ("block_ms", 1), ("claim_idle_ms", 1), ("claim_interval_ms", 1),
         ("max_deliveries", 1), ("concurrency", 1), ("processes", 1), ("consumers", 0), ("crash_loop_restarts", 1),
         ("gc_threshold", 0), ("http_port", 0), ("trim_interval_s", 0), ("trim_retain_s", 0),
-        ("dead_consumer_idle_s", 0),
+        ("dead_consumer_idle_s", 0), ("output_max_age_s", 0), ("output_max_len", 0),
     ) if getattr(s, name) < low]
     return problems + [f"{name} must be positive, got {getattr(s, name)}" for name in (
         "handler_timeout_s", "shutdown_grace_s", "socket_timeout_s", "crash_loop_window_s", "sample_interval_s",
@@ -118,6 +124,11 @@ def _hazards(s: Settings) -> list[str]:
         problems.append(f"consumers ({s.consumers}) must be 0 or at least processes ({s.processes})")
     if not s.dead_letter_suffix:
         problems.append("dead_letter_suffix must not be empty: dead letters would go back to their own stream")
+    if s.output_streams and not s.trim_interval_s:
+        problems.append("output_streams needs trim_interval_s above 0: housekeeping trims them, and it is off")
+    if s.output_streams and not (s.output_max_age_s or s.output_max_len):
+        problems.append("output_streams needs output_max_age_s or output_max_len above 0: with neither, nothing "
+                        "says which results to keep")
     return problems
 
 
@@ -204,9 +215,17 @@ def url_from_app_env(environ: Mapping[str, str]) -> str | None:
     return f"{scheme}://{auth}{host}:{port}/{db}"
 
 
+def split_list(raw: str | Any) -> tuple[str, ...]:
+    """A list setting's value: comma-separated text (or any iterable of names), blanks and repeats dropped."""
+    items = raw.split(",") if isinstance(raw, str) else raw
+    return tuple(dict.fromkeys(item.strip() for item in items if item.strip()))
+
+
 def parse_value(field: dataclasses.Field[Any], raw: str, source: str) -> Any:
     """Convert one textual value to the field's type, or say in one line what is wrong with it."""
     kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+    if kind.startswith("tuple["):
+        return split_list(raw)
     try:
         if kind == "int":
             return int(raw)

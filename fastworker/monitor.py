@@ -5,8 +5,9 @@
 - `/metrics`: Prometheus text, counters and histograms added up over all worker processes (including the ones a
   restart replaced, so counters never go down), and gauges (stream length, pending, lag, oldest pending age,
   dead letters) sampled every sample_interval_s, never per message.
-- Housekeeping on timers: safe trimming of the app's streams (`trim_interval_s`) and removal of dead consumers,
-  those with nothing pending that have been idle longer than `dead_consumer_idle_s`.
+- Housekeeping on timers: safe trimming (`trim_interval_s`) of the app's streams and of the output streams named
+  in `output_streams` (by their retention limits), and removal of dead consumers, those with nothing pending that
+  have been idle longer than `dead_consumer_idle_s`.
 
 None of it is on the hot path: workers count per batch and report once a second over their pipe.
 """
@@ -27,7 +28,7 @@ from fastworker.config import Settings
 from fastworker.errors import FastworkerError
 from fastworker.ops.consumers import remove_dead_consumers
 from fastworker.ops.inspect import Snapshot, check_health, snapshot
-from fastworker.ops.trim import TrimRefused, safe_trim
+from fastworker.ops.trim import TrimRefused, housekeeping_plan, safe_trim
 from fastworker.stats import BATCH_BUCKETS, DURATION_BUCKETS_S, OUTCOMES
 from fastworker.streams import Streams
 
@@ -112,9 +113,10 @@ class Monitor:
 
     async def _trim(self) -> None:
         assert self._streams is not None
-        for stream in self.app.streams():
+        for stream, policy in housekeeping_plan(self.app.streams(), self.settings).items():
             try:
-                result = await safe_trim(self._streams, stream, retain_ms=int(self.settings.trim_retain_s * 1000))
+                result = await safe_trim(self._streams, stream, retain_ms=policy.retain_ms, max_len=policy.max_len,
+                                         max_age_ms=policy.max_age_ms, force=policy.force)
             except TrimRefused as exc:  # e.g. the stream does not exist yet
                 logger.debug("trim skipped stream=%s: %s", stream, exc)
                 continue
