@@ -17,7 +17,8 @@ from bench.common import payload
 from fastworker.app import App
 from fastworker.dispatch import Dispatcher
 from fastworker.message import Message, decode_entries
-from fastworker.streams import Settlement, pack
+from fastworker.settlement import Settlement
+from fastworker.streams import pack
 
 BATCH = 1000
 STREAM, GROUP = "betterbundle:data-jobs", "data-processors"
@@ -85,7 +86,7 @@ def test_dispatch_batch_to_noop_handler(benchmark: Any, loop: Any) -> None:
     handlers = _noop_handlers()
     messages = decode_entries(STREAM, _entries(), 1)
     settlement = benchmark(lambda: loop.run_until_complete(dispatcher.dispatch(GROUP, handlers, {STREAM: messages})))
-    assert settlement.acked == BATCH
+    assert len(settlement.acks[STREAM]) == BATCH
 
 
 def test_dispatch_batch_to_noop_batch_handler(benchmark: Any, loop: Any) -> None:
@@ -93,7 +94,7 @@ def test_dispatch_batch_to_noop_batch_handler(benchmark: Any, loop: Any) -> None
     handlers = _noop_handlers(batch=True)
     messages = decode_entries(STREAM, _entries(), 1)
     settlement = benchmark(lambda: loop.run_until_complete(dispatcher.dispatch(GROUP, handlers, {STREAM: messages})))
-    assert settlement.acked == BATCH
+    assert len(settlement.acks[STREAM]) == BATCH
 
 
 def test_build_settle_commands(benchmark: Any) -> None:

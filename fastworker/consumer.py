@@ -1,11 +1,19 @@
 """One consumer name's loop in one group: read -> decode -> dispatch -> settle, until stopped.
 
 Invariants:
-- An entry is acknowledged only in the settlement of the batch that handled it, never before its handler ran.
-- The consumer first re-reads its own pending entries (history, ID 0) until none are left, then reads new ones
-  (`>`). It goes back to history after every reconnect, so a settlement lost with a connection is recovered at once
-  instead of after claim_idle_ms. A settlement whose fate is unknown is never re-sent: if it was applied, sending
-  it again would duplicate its results; if it was not, its entries are still pending and are handled again.
+- An entry is acknowledged only in the settlement of the batch that handled it, never before its handler ran, and
+  counted only once the server confirmed it.
+- No entry is handled twice without a crash. At start the consumer recovers its own pending entries (what a
+  crashed predecessor under the same name left) one at a time, each settled before the next is read: an entry that
+  kills its worker is then alone when it does, so only it is charged the deliveries it causes, and once past
+  max_deliveries it is dead-lettered as KilledWorker without being run again. Then it reads new entries (`>`).
+- After a reconnect the consumer re-reads its own pending entries (history, ID 0) as batches, so a settlement lost
+  with a connection is recovered at once instead of after claim_idle_ms. A settlement whose fate is unknown is
+  never re-sent: if it was applied, sending it again would duplicate its results; if it was not, its entries are
+  still pending and are handled again.
+- A settlement the server refused (an error reply: a missing permission, a key of the wrong type) wrote nothing of
+  what it refused: it is sent again, with growing backoff, without reading or handling anything meanwhile, until
+  it is written or the consumer stops (its entries then stay pending). The loop reports the problem for health.
 - Redis errors are caught here, in one place: back off with jitter, log once per outage, carry on.
 """
 
@@ -20,22 +28,27 @@ from collections.abc import Mapping
 from fastworker.app import Handler
 from fastworker.config import Settings
 from fastworker.dispatch import Dispatcher
-from fastworker.errors import FastworkerError, NoGroupError
+from fastworker.errors import FastworkerError, NoGroupError, SettleRefused
 from fastworker.message import Message, RawEntry, decode_entries
 from fastworker.policy import backoff_s
+from fastworker.settlement import Settlement
 from fastworker.stats import Stats
-from fastworker.streams import Channel, Settlement, Streams
+from fastworker.streams import Channel, Streams
 
 logger = logging.getLogger(__name__)
 
 NEW = ">"
+REFUSED_BACKOFF_CAP_S = 30.0  # a settle the server refuses waits for an operator: no need to ask more often
 
 
 class Outage:
-    """Logs the first error of an outage and the recovery, not every retry in between; paces the retries."""
+    """Logs the first error of an outage and the recovery, not every retry in between; paces the retries; reports
+    the outage in `problems` (for health) while it lasts."""
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, problems: dict[str, str] | None = None, cap_s: float = 5.0) -> None:
         self.what = what
+        self.problems = problems if problems is not None else {}
+        self.cap_s = cap_s
         self.attempt = 0
         self.since = 0.0
 
@@ -43,7 +56,8 @@ class Outage:
         if self.attempt == 0:
             self.since = time.monotonic()
             logger.warning("%s: %s; retrying with backoff", self.what, error)
-        delay = backoff_s(self.attempt)
+        self.problems[self.what] = str(error)
+        delay = backoff_s(self.attempt, cap_s=self.cap_s)
         self.attempt += 1
         if stopping is None:
             await asyncio.sleep(delay)
@@ -55,6 +69,7 @@ class Outage:
         if self.attempt:
             logger.warning("%s: recovered after %.1f s", self.what, time.monotonic() - self.since)
             self.attempt = 0
+            self.problems.pop(self.what, None)
 
 
 class Consumer:
@@ -72,20 +87,20 @@ class Consumer:
         self.channel: Channel = streams.channel()
         self.stopping = asyncio.Event()
         self._reading = False
-        self._history: dict[str, str] | None = None  # last id seen per stream while re-reading own pending
-        self._outage = Outage(f"consumer {name} group={group}")
+        self._recovering: list[str] = []  # streams whose own pending entries are still to recover, one at a time
+        self._recover_from = "0"  # last id recovered of the first of them
+        self._history: dict[str, str] | None = None  # last id seen per stream while re-reading after a reconnect
+        self._outage = Outage(f"consumer {name} group={group}", stats.problems)
+        self._refused = Outage(f"consumer {name} group={group} settle", stats.problems, REFUSED_BACKOFF_CAP_S)
 
     async def run(self) -> None:
         settlement: Settlement | None = None
-        self._history = dict.fromkeys(self.handlers, "0")
+        self._recovering = list(self.handlers)
         try:
             while not self.stopping.is_set():
                 settlement = await self._step(settlement)
             if settlement is not None:
-                await self.channel.settle(settlement)
-        except FastworkerError as exc:
-            logger.warning("consumer %s group=%s could not settle its last batch (%s); "
-                           "its entries stay pending", self.name, self.group, exc)
+                await self._settle_last(settlement)
         finally:
             await self.channel.aclose()
 
@@ -99,22 +114,56 @@ class Consumer:
         """One turn: settle the last batch with the next read, then handle what came back."""
         try:
             batch = await self._read(settlement)
+        except SettleRefused as exc:
+            await self._settle_refused(settlement, exc)
+            return None
         except NoGroupError as exc:
+            self._settled(settlement)
             await self._recreate_groups(exc)
             return None
         except FastworkerError as exc:
-            self._history = dict.fromkeys(self.handlers, "0")  # re-read own pending once we are back
+            self._settled(settlement)
+            self._reread_own_pending()
             await self._outage.failed(exc, self.stopping)
             return None
+        self._settled(settlement)
         self._outage.recovered()
         if not batch:
             return None
-        with KeepClaimed(self, batch):
-            new = await self.dispatcher.dispatch(self.group, self.handlers, batch)
-        self.stats.record(new, {stream: len(messages) for stream, messages in batch.items()})
-        return new
+        self.stats.received(self.group, {stream: len(messages) for stream, messages in batch.items()})
+        with KeepClaimed(self.streams, self.group, self.name, batch, self.settings.claim_idle_ms):
+            return await self.dispatcher.dispatch(self.group, self.handlers, batch)
+
+    def _settled(self, settlement: Settlement | None) -> None:
+        """Count what the server confirmed of `settlement`: at the end of its life, written or given up."""
+        if settlement is not None:
+            self.stats.settled(settlement)
+
+    def _reread_own_pending(self) -> None:
+        if self._recovering:
+            self._recover_from = "0"
+        else:
+            self._history = dict.fromkeys(self.handlers, "0")
+
+    async def _settle_refused(self, settlement: Settlement | None, error: SettleRefused) -> None:
+        assert settlement is not None
+        try:
+            await resend_refused(self.channel, settlement, error, self._refused, self._outage, self.stopping)
+        finally:
+            self._settled(settlement)
+            self._reread_own_pending()  # the read sent with the refused settlement delivered entries
+
+    async def _settle_last(self, settlement: Settlement) -> None:
+        try:
+            await self.channel.settle(settlement)
+        except FastworkerError as exc:
+            logger.warning("consumer %s group=%s could not settle its last batch (%s); its entries stay pending",
+                           self.name, self.group, exc)
+        self._settled(settlement)
 
     async def _read(self, settlement: Settlement | None) -> dict[str, list[Message]]:
+        if self._recovering:
+            return await self._recover(settlement)
         history = self._history
         ids = history or dict.fromkeys(self.handlers, NEW)
         block = None if history else self.settings.block_ms
@@ -127,11 +176,26 @@ class Consumer:
             return {stream: self._decode(stream, entries, 1) for stream, entries in reply.items()}
         return await self._decode_history(history, reply)
 
+    async def _recover(self, settlement: Settlement | None) -> dict[str, list[Message]]:
+        """The next of this consumer's own pending entries, alone (its predecessor may have died of it)."""
+        stream = self._recovering[0]
+        reply = await self.channel.read(self.group, self.name, {stream: self._recover_from}, 1, None, settlement)
+        entries = reply.get(stream)
+        if not entries:
+            self._recovering.pop(0)
+            self._recover_from = "0"
+            if not self._recovering:
+                logger.debug("consumer %s group=%s: own pending entries recovered", self.name, self.group)
+            return {}
+        counts = await self.channel.deliveries(stream, self.group, self.name, entries)
+        self._recover_from = _id(entries[-1])
+        return {stream: self._decode(stream, entries, counts)}
+
     async def _decode_history(self, history: dict[str, str], reply: dict[str, list[RawEntry]]
                               ) -> dict[str, list[Message]]:
         if not reply:
             self._history = None  # own pending entries all seen: read new ones from now on
-            logger.debug("consumer %s group=%s: own pending entries recovered", self.name, self.group)
+            logger.debug("consumer %s group=%s: own pending entries re-read", self.name, self.group)
             return {}
         batch = {}
         for stream, entries in reply.items():
@@ -158,7 +222,29 @@ class Consumer:
             logger.warning("recreated groups: %s", ", ".join(f"{s}/{g}" for s, g in created))
         else:
             await self._outage.failed(error, self.stopping)  # the group exists, the error persists: slow down
-        self._history = dict.fromkeys(self.handlers, "0")
+        self._reread_own_pending()
+
+
+async def resend_refused(channel: Channel, settlement: Settlement, error: SettleRefused, refused: Outage,
+                         outage: Outage, stopping: asyncio.Event) -> None:
+    """Send a settlement the server refused again, with growing backoff, until it is written or `stopping` is set
+    (its entries then stay pending). Nothing is read or handled meanwhile."""
+    try:
+        while not isinstance(error.cause, NoGroupError):  # with its group gone, there is nothing left to settle
+            await refused.failed(error, stopping)
+            if stopping.is_set():
+                logger.warning("stopping with a batch of group=%s the server refused to settle; its entries stay "
+                               "pending", settlement.group)
+                return
+            try:
+                await channel.settle(settlement)
+            except SettleRefused as exc:
+                error = exc
+                continue
+            refused.recovered()
+            return
+    except FastworkerError as exc:  # the connection went: what was sent last has an unknown fate
+        await outage.failed(exc, stopping)
 
 
 class KeepClaimed:
@@ -169,10 +255,13 @@ class KeepClaimed:
     crash at all. Costs nothing for batches shorter than half the claim idle time (one timer, cancelled).
     """
 
-    def __init__(self, consumer: Consumer, batch: dict[str, list[Message]]) -> None:
+    def __init__(self, streams: Streams, group: str, consumer: str, batch: Mapping[str, list[Message]],
+                 claim_idle_ms: int) -> None:
+        self.streams = streams
+        self.group = group
         self.consumer = consumer
         self.batch = batch
-        self.every_s = consumer.settings.claim_idle_ms / 2000
+        self.every_s = claim_idle_ms / 2000
         self.timer: asyncio.TimerHandle | None = None
         self.refresh: asyncio.Task[None] | None = None
         self.done = False
@@ -192,9 +281,8 @@ class KeepClaimed:
         self.refresh = asyncio.ensure_future(self._refresh())
 
     async def _refresh(self) -> None:
-        consumer = self.consumer
         try:
-            await consumer.streams.keep_claimed(consumer.group, consumer.name, self.batch)
+            await self.streams.keep_claimed(self.group, self.consumer, self.batch)
         except FastworkerError as exc:  # the server is away: the consumer's own loop will say so
             logger.debug("could not refresh a long batch's idle time: %s", exc)
         finally:

@@ -4,13 +4,21 @@ Handling a message yields an outcome and never raises: the only broad `except` i
 around user code. Concurrency is bounded per process by a semaphore taken per lane (a lane works through the
 batch's messages one after another), not per message, so a batch of 1000 costs `concurrency` tasks, not 1000.
 Sync handlers run in a thread pool, one pool job per lane, so the event loop never waits on user code.
+
+Lanes open as the handler shows what it is: a batch starts on one lane (handlers that do not wait finish it
+without a task or a thread hop per message), and as soon as a call has been running for LANE_OPEN_S the other
+lanes open, so a batch of 16 calls that each wait 1 s on I/O takes about 1 s, not 16. The handler timeout is per
+call on every lane: a call past it is charged alone (HandlerTimeout) and its lane's other messages go on, on a new
+thread for sync handlers, since a thread cannot be interrupted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -20,13 +28,15 @@ from fastworker.config import TIMEOUT_OVERSHOOT
 from fastworker.errors import FastworkerError, Reject, Retry
 from fastworker.message import Message, decode_record, encode_record
 from fastworker.policy import Action, decide
-from fastworker.streams import Recorder, Settlement, Streams
+from fastworker.settlement import Settlement
+from fastworker.streams import Recorder, Streams
 
 logger = logging.getLogger(__name__)
 
 Outcome = BaseException | None
-INLINE_BUDGET_S = 0.002  # how long the first lane runs alone before the others open
-MIN_SYNC_CHUNK = 64  # messages per thread-pool job at least: a hop to a thread costs tens of microseconds
+LANE_OPEN_S = 0.002  # a call running this long opens the batch's other lanes
+MIN_SYNC_CHUNK = 64  # messages per thread-pool lane at the start: a hop to a thread costs tens of microseconds
+KILLED_WORKER = "KilledWorker"  # the error class of an entry whose worker kept dying while handling it
 
 
 class HandlerTimeout(Exception):
@@ -36,7 +46,7 @@ class HandlerTimeout(Exception):
 class _Lane:
     """A run of handler calls in one task, as the timeout watchdog sees it."""
 
-    __slots__ = ("calls", "expired", "seen", "strikes", "task")
+    __slots__ = ("calls", "expired", "seen", "started", "strikes", "task")
 
     def __init__(self, task: asyncio.Task[Any] | None) -> None:
         self.task = task
@@ -44,6 +54,7 @@ class _Lane:
         self.seen = 0
         self.strikes = 0
         self.expired = False
+        self.started = True  # False while a sync lane's job waits for a free thread: it cannot be late then
 
     def cancelled_by_others(self) -> bool:
         """Someone besides the watchdog asked to cancel this lane's task too."""
@@ -71,6 +82,7 @@ class Dispatcher:
         self._executor: ThreadPoolExecutor | None = None
         self._recorder: Recorder | None = None  # idempotency records, for handlers with dedup
         self._lanes: set[_Lane] = set()
+        self._abandoned = 0  # pool threads left stuck in a call past the timeout
         self._watchdog: asyncio.TimerHandle | None = None
 
     async def dispatch(self, group: str, handlers: Mapping[str, Handler],
@@ -93,8 +105,9 @@ class Dispatcher:
             return messages
         for message in unfit:
             if message.error is None:
-                settlement.dead_letter(message, dead_stream, "MaxDeliveriesExceeded",
-                                       f"delivered {message.deliveries} times without being settled")
+                settlement.dead_letter(message, dead_stream, KILLED_WORKER, (
+                    f"delivered {message.deliveries} times and never settled: the worker handling it died (or lost "
+                    "the server) every time; it was handled alone after the first, so it is the one to blame"))
             else:
                 kind = "EntryDeleted" if not message.raw_fields else "DecodeError"
                 settlement.dead_letter(message, dead_stream, kind, message.error)
@@ -137,19 +150,70 @@ class Dispatcher:
         if handler.batch:
             return await self._run_batch(handler, messages)
         outcomes: list[Outcome] = [None] * len(messages)
-        pending = iter(enumerate(messages))
-        if not handler.is_async:
-            lanes = min(self.concurrency, -(-len(messages) // MIN_SYNC_CHUNK))
-            await asyncio.gather(*(self._sync_lane(func, pending, outcomes, lanes) for _ in range(lanes)))
-            return outcomes
-        # The first lane runs in the caller's task: handlers that do not really wait finish the whole batch here
-        # without a task being made. Only when it has run for INLINE_BUDGET_S do the other lanes open.
-        done = await self._async_lane(func, pending, outcomes, INLINE_BUDGET_S)
-        left = len(messages) - done
-        if left:
-            lanes = min(self.concurrency, left)
-            await asyncio.gather(*(self._async_lane(func, pending, outcomes) for _ in range(lanes)))
+        if handler.is_async:
+            await self._run_async(func, messages, outcomes)
+        else:
+            await self._run_sync(func, messages, outcomes)
         return outcomes
+
+    async def _run_async(self, func: Callable[[Message], Awaitable[Any]], messages: list[Message],
+                         outcomes: list[Outcome]) -> None:
+        """The first lane runs in the caller's task: handlers that do not really wait finish the whole batch there
+        without a task being made. The loop only gets to the timer when a call waits, so a call still waiting after
+        LANE_OPEN_S opens the other lanes, which take the next messages while it waits."""
+        pending = iter(enumerate(messages))
+        lanes: list[asyncio.Future[None]] = []
+
+        def open_lanes() -> None:
+            for _ in range(min(self.concurrency, len(messages)) - 1):
+                lanes.append(asyncio.ensure_future(self._async_lane(func, pending, outcomes)))
+
+        opener = asyncio.get_running_loop().call_later(LANE_OPEN_S, open_lanes)
+        try:
+            await self._async_lane(func, pending, outcomes)
+            opener.cancel()
+            if lanes:
+                await asyncio.gather(*lanes)
+        finally:
+            opener.cancel()
+            for lane in lanes:
+                lane.cancel()  # only those still running, when the dispatch itself was cancelled
+
+    async def _run_sync(self, func: Callable[[Message], Any], messages: list[Message],
+                        outcomes: list[Outcome]) -> None:
+        """Sync lanes are pool jobs taking messages from one queue: one lane per MIN_SYNC_CHUNK messages to start
+        with, all of them once a call has been running for LANE_OPEN_S (the handler waits on something)."""
+        queue: deque[tuple[int, Message]] = deque(enumerate(messages))
+        jobs: list[_SyncJob] = []
+        lanes: list[asyncio.Future[None]] = []
+        loop = asyncio.get_running_loop()
+
+        def add_lanes(count: int) -> None:
+            for _ in range(count):
+                lanes.append(asyncio.ensure_future(self._sync_lane(func, queue, outcomes, jobs)))
+
+        opener: asyncio.TimerHandle | None = None
+
+        def check(delay_s: float) -> None:
+            nonlocal opener
+            if not queue or len(lanes) >= self.concurrency:
+                return
+            if any(job.running_for() >= LANE_OPEN_S for job in jobs):
+                add_lanes(min(self.concurrency - len(lanes), len(queue)))
+                return
+            delay_s = min(delay_s * 2, 0.1)  # quick calls so far: look again, less often
+            opener = loop.call_later(delay_s, check, delay_s)
+
+        add_lanes(min(self.concurrency, -(-len(messages) // MIN_SYNC_CHUNK)))
+        opener = loop.call_later(LANE_OPEN_S, check, LANE_OPEN_S)
+        try:
+            while lanes and not all(lane.done() for lane in lanes):  # lanes may be added while we wait
+                await asyncio.gather(*lanes)
+        finally:
+            if opener is not None:
+                opener.cancel()
+            for lane in lanes:
+                lane.cancel()
 
     async def _skip_done(self, handler: Handler, dedup: Dedup, messages: list[Message],
                          settlement: Settlement) -> list[Message]:
@@ -226,14 +290,12 @@ class Dispatcher:
                 if id(message) in failed and outcomes[position] is None:
                     outcomes[position] = failed[id(message)]
 
-    async def _async_lane(self, func: Callable[[Message], Awaitable[Any]], pending: Any, outcomes: list[Outcome],
-                          budget_s: float | None = None) -> int:
-        """Call `func` on messages from the shared iterator, one after another; returns how many it handled.
-        With a budget, stops taking messages once the budget is spent."""
+    async def _async_lane(self, func: Callable[[Message], Awaitable[Any]], pending: Any,
+                          outcomes: list[Outcome]) -> None:
+        """Call `func` on messages from the shared iterator, one after another."""
         async with self._slots:
             lane = _Lane(asyncio.current_task())
             self._watch(lane)
-            deadline = time.perf_counter() + budget_s if budget_s is not None else None
             try:
                 for index, message in pending:
                     lane.calls += 1
@@ -248,11 +310,8 @@ class Dispatcher:
                     else:
                         if lane.expired:  # the handler swallowed our cancellation and returned
                             outcomes[index] = lane.clear_expiry(self.handler_timeout_s)
-                    if deadline is not None and not lane.calls & 15 and time.perf_counter() > deadline:
-                        break  # looked at every 16 calls: the clock costs as much as a no-op handler
             finally:
                 self._lanes.discard(lane)
-        return lane.calls
 
     def _watch(self, lane: _Lane) -> None:
         self._lanes.add(lane)
@@ -268,30 +327,39 @@ class Dispatcher:
             if lane.calls != lane.seen:
                 lane.seen, lane.strikes = lane.calls, 0
                 continue
-            lane.strikes += 1
+            lane.strikes += lane.started
             if lane.strikes >= 2 and not lane.expired and lane.task is not None:
                 lane.expired = True
                 lane.task.cancel()
         if self._lanes:
             self._watchdog = asyncio.get_running_loop().call_later(self.handler_timeout_s / 2, self._check_lanes)
 
-    async def _sync_lane(self, func: Callable[[Message], Any], pending: Any, outcomes: list[Outcome],
-                         lanes: int) -> None:
-        # Take this lane's share up front so one pool job handles many messages without an await per message.
-        chunk = list(pending_share(pending, len(outcomes), lanes))
-        if not chunk:
-            return
-        job = _SyncChunk(func, [message for _, message in chunk])
+    async def _sync_lane(self, func: Callable[[Message], Any], queue: deque[tuple[int, Message]],
+                         outcomes: list[Outcome], jobs: list[_SyncJob]) -> None:
+        """One pool job at a time takes messages from `queue` until it is empty. A call past the timeout is charged
+        alone: its thread is abandoned (a thread cannot be interrupted) and a new job goes on with the queue."""
+        loop = asyncio.get_running_loop()
         async with self._slots:
-            done = asyncio.get_running_loop().run_in_executor(self._pool(), job.run)
+            lane = _Lane(asyncio.current_task())
+            self._watch(lane)
             try:
-                # A thread cannot be interrupted: past the chunk's time, stop waiting and stop it taking more.
-                await asyncio.wait_for(done, self.handler_timeout_s * TIMEOUT_OVERSHOOT * len(chunk))
-            except TimeoutError:
-                job.abandoned = True
-        late = HandlerTimeout(f"sync handler ran longer than {self.handler_timeout_s:g} s a message")
-        for position, (index, _) in enumerate(chunk):
-            outcomes[index] = job.outcomes[position] if position < len(job.outcomes) else late
+                while queue:
+                    job = _SyncJob(func, queue, outcomes, lane)
+                    jobs.append(job)
+                    lane.started = False
+                    try:
+                        await loop.run_in_executor(self._pool(), job.run)
+                    except asyncio.CancelledError:
+                        late = job.abandon()
+                        if not lane.expired or lane.cancelled_by_others():
+                            raise
+                        timeout = lane.clear_expiry(self.handler_timeout_s)
+                        if late is not None:
+                            outcomes[late] = timeout
+                        self._thread_abandoned()
+            finally:
+                self._lanes.discard(lane)
+
 
     async def _run_batch(self, handler: Handler, messages: list[Message]) -> list[Outcome]:
         """A batch handler gets every message at once. Raising fails all of them; returning a mapping of entry
@@ -316,6 +384,18 @@ class Dispatcher:
             self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="fastworker-handler")
         return self._executor
 
+    def _thread_abandoned(self) -> None:
+        """A pool thread is stuck in a handler call for good: once half the pool is, start a fresh pool (the old
+        one's threads end as their calls do) so that lanes are not left waiting for a free thread."""
+        self._abandoned += 1
+        if self._executor is not None and self._abandoned >= max(1, self.concurrency // 2):
+            logger.warning("%d handler threads are stuck past the handler timeout; starting a new thread pool",
+                           self._abandoned)
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            self._abandoned = 0
+
+
     def close(self) -> None:
         # Never join user threads on the event loop: the drain has waited as long as it may, and a thread that is
         # still running (a sync handler past its timeout) must not hold the process after the grace period.
@@ -324,35 +404,55 @@ class Dispatcher:
             self._executor = None
 
 
-def pending_share(pending: Any, total: int, lanes: int) -> Any:
-    """The next ceil(total / lanes) items of a shared iterator: an even split without materialising the rest."""
-    share = -(-total // max(1, min(lanes, total)))
-    for _ in range(share):
-        item = next(pending, None)
-        if item is None:
-            return
-        yield item
+class _SyncJob:
+    """A pool job: takes messages from the lane's queue and calls the sync handler on each, in a pool thread,
+    until the queue is empty or the loop abandons it."""
 
-
-class _SyncChunk:
-    """Messages for a sync handler, handled one after another in a pool thread; outcomes fill in as they come."""
-
-    def __init__(self, func: Callable[[Message], Any], messages: list[Message]) -> None:
+    def __init__(self, func: Callable[[Message], Any], queue: deque[tuple[int, Message]], outcomes: list[Outcome],
+                 lane: _Lane) -> None:
         self.func = func
-        self.messages = messages
-        self.outcomes: list[Outcome] = []
-        self.abandoned = False  # set by the loop once it stopped waiting: take no more messages
+        self.queue = queue
+        self.outcomes = outcomes
+        self.lane = lane
+        self.lock = threading.Lock()
+        self.current: int | None = None  # index of the message being handled
+        self.since = 0.0  # when that call started (perf_counter)
+        self.abandoned = False
 
     def run(self) -> None:
-        for message in self.messages:
-            if self.abandoned:
+        lane = self.lane
+        lane.started = True
+        while True:
+            try:
+                index, message = self.queue.popleft()
+            except IndexError:
                 return
+            with self.lock:
+                if self.abandoned:
+                    self.queue.appendleft((index, message))
+                    return
+                self.current, self.since = index, time.perf_counter()
+            lane.calls += 1
+            outcome: Outcome = None
             try:
                 self.func(message)
             except Exception as exc:  # user code, in a pool thread
-                self.outcomes.append(exc)
-            else:
-                self.outcomes.append(None)
+                outcome = exc
+            with self.lock:
+                if self.abandoned:  # the loop charged this call with the timeout and went on without us
+                    return
+                self.outcomes[index] = outcome
+                self.current = None
+
+    def running_for(self) -> float:
+        """How long the current call has been running, in seconds (0 when none is)."""
+        return time.perf_counter() - self.since if self.current is not None else 0.0
+
+    def abandon(self) -> int | None:
+        """Stop taking messages; returns the index of the call still running, which is now the loop's to charge."""
+        with self.lock:
+            self.abandoned = True
+            return self.current
 
 
 def _log_failures(handler: Handler, failures: list[tuple[Message, BaseException, Action]]) -> None:

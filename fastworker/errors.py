@@ -59,6 +59,19 @@ class RedisCommandError(FastworkerError):
     """The server answered a command with an error that is not one of the cases handled above."""
 
 
+class SettleRefused(RedisCommandError):
+    """The server refused to write part of a settlement (a missing permission, a key of the wrong type, ...).
+
+    Nothing of a refused step was written: its entries are still pending, and the step can be sent again as it is,
+    without handling the entries again. `cause` is the server's error, translated.
+    """
+
+    def __init__(self, cause: FastworkerError, steps: int = 1) -> None:
+        super().__init__(f"the server refused to settle a batch ({steps} step(s)): {cause}")
+        self.cause = cause
+        self.exit_code = cause.exit_code
+
+
 class NoGroupError(RedisCommandError):
     """The stream or its consumer group does not exist (deleted, flushed, or a restart without data)."""
 

@@ -1,11 +1,17 @@
 """The reclaimer: hands out again the entries that sat pending too long, whoever owned them.
 
-Every claim_interval_ms, for each stream of each group, it follows XAUTOCLAIM's cursor from `0-0` to the end,
-claiming entries idle at least claim_idle_ms into a consumer name of its own (`<first name>.claim`): never into a
-live consumer's name, whose history re-read would pick them up while they are being handled here. That is how the
-work of a crashed consumer is picked up, and how a failed entry is retried (claim idle is the retry delay). Claimed
-entries take the consumer's dispatch path; their delivery counts come from the PEL, so an entry past
-max_deliveries is dead-lettered, and ids XAUTOCLAIM reports as deleted are acknowledged and counted.
+Every claim_interval_ms, for each stream of each group, it pages through the entries pending longer than
+claim_idle_ms (XPENDING ... IDLE) and claims them (XCLAIM, which re-checks the idle time, so two reclaimers never
+take the same entry) into a consumer name of its own (`<first name>.claim`): never into a live consumer's name,
+whose history re-read would pick them up while they are being handled here. There are two kinds:
+- retries: entries whose handler failed, parked by their settlement on the group's RETRY_CONSUMER. They are
+  claimed and handled in batches, like fresh entries.
+- orphans: entries pending on any other consumer, with no verdict: their worker died or hung while handling them.
+  They are claimed and handled one at a time, each settled before the next is claimed, so an orphan that kills its
+  worker is alone when it does and charges nobody else (it is dead-lettered as KilledWorker once past
+  max_deliveries, without being run again).
+Claimed entries take the consumer's dispatch path, with delivery counts from the PEL. Ids deleted from the stream
+while pending are acknowledged and counted as deleted.
 """
 
 from __future__ import annotations
@@ -17,12 +23,13 @@ from collections.abc import Mapping
 
 from fastworker.app import Handler
 from fastworker.config import Settings
-from fastworker.consumer import Outage
+from fastworker.consumer import REFUSED_BACKOFF_CAP_S, KeepClaimed, Outage, resend_refused
 from fastworker.dispatch import Dispatcher
-from fastworker.errors import FastworkerError
-from fastworker.message import decode_entries
+from fastworker.errors import FastworkerError, SettleRefused
+from fastworker.message import decode_entries, text
+from fastworker.settlement import RETRY_CONSUMER, Settlement
 from fastworker.stats import Stats
-from fastworker.streams import Channel, Settlement, Streams
+from fastworker.streams import Channel, Streams
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +47,8 @@ class Reclaimer:
         self.stats = stats
         self.channel: Channel = streams.channel()
         self.stopping = asyncio.Event()
-        self._outage = Outage(f"reclaimer {claimer}")
+        self._outage = Outage(f"reclaimer {claimer}", stats.problems)
+        self._refused = Outage(f"reclaimer {claimer} settle", stats.problems, REFUSED_BACKOFF_CAP_S)
 
     async def run(self) -> None:
         interval = self.settings.claim_interval_ms / 1000
@@ -69,32 +77,54 @@ class Reclaimer:
         return claimed
 
     async def _sweep_stream(self, group: str, stream: str, handler: Handler) -> int:
-        cursor, claimed = "0-0", 0
-        settings = self.settings
+        start, claimed = "-", 0
+        page = self.settings.batch_size
         while not self.stopping.is_set():
-            cursor, entries, deleted = await self.channel.autoclaim(
-                stream, group, self.claimer, settings.claim_idle_ms, cursor, settings.batch_size)
-            if entries or deleted:
-                claimed += len(entries)
-                await self._handle(group, stream, handler, entries, deleted)
-            if cursor == "0-0":
+            rows = await self.channel.pending_idle(stream, group, self.settings.claim_idle_ms, start, page)
+            retries = {entry_id: deliveries for entry_id, owner, deliveries in rows if owner == RETRY_CONSUMER}
+            for entry_id, owner, deliveries in rows:
+                if owner != RETRY_CONSUMER and not self.stopping.is_set():
+                    claimed += await self._claim(group, stream, handler, {entry_id: deliveries})
+            if retries and not self.stopping.is_set():
+                claimed += await self._claim(group, stream, handler, retries)
+            if len(rows) < page:
                 break
+            start = "(" + text(rows[-1][0])
         return claimed
 
-    async def _handle(self, group: str, stream: str, handler: Handler, entries: list[list[object]],
-                      deleted: list[str]) -> None:
+    async def _claim(self, group: str, stream: str, handler: Handler, wanted: dict[bytes, int]) -> int:
+        """Claim `wanted` (raw id -> deliveries so far), handle what was claimed, and settle it."""
+        entries = await self.channel.claim(stream, group, self.claimer, self.settings.claim_idle_ms, list(wanted))
         settlement = Settlement(group)
         if entries:
-            counts = await self.channel.deliveries(stream, group, self.claimer, entries)
+            counts = {text(entry[0]): wanted.get(entry[0], 0) + 1 for entry in entries}
             messages = decode_entries(stream, entries, counts, handler.payload, handler.payload_field)
-            logger.info("claimed %d idle entries stream=%s group=%s into consumer=%s",
-                        len(messages), stream, group, self.claimer)
-            settlement = await self.dispatcher.dispatch(group, {stream: handler}, {stream: messages})
+            logger.info("claimed %d idle entries stream=%s group=%s into consumer=%s", len(messages), stream,
+                        group, self.claimer)
+            self.stats.received(group, {stream: len(messages)}, claimed=True)
+            batch = {stream: messages}
+            with KeepClaimed(self.streams, group, self.claimer, batch, self.settings.claim_idle_ms):
+                settlement = await self.dispatcher.dispatch(group, {stream: handler}, batch)
+        missing = set(map(text, wanted)) - {text(entry[0]) for entry in entries}
+        if missing:
+            await self._forget_deleted(stream, group, sorted(missing), settlement)
+        await self._settle(settlement)
+        return len(entries)
+
+    async def _forget_deleted(self, stream: str, group: str, ids: list[str], settlement: Settlement) -> None:
+        """Of the ids that were not claimed (deleted from the stream, or settled or claimed elsewhere meanwhile),
+        acknowledge and count those no longer in the stream: deleted before anyone handled them."""
+        existing = await self.channel.existing(stream, ids)
+        deleted = [entry_id for entry_id in ids if entry_id not in existing]
         if deleted:
-            # Trimmed or deleted before anyone handled them; XAUTOCLAIM already dropped them from the PEL on
-            # current servers, the XACK covers older ones. Nothing is left to dead-letter but the fact.
             logger.warning("%d pending entries were deleted before being handled stream=%s group=%s ids=%s",
                            len(deleted), stream, group, ",".join(deleted[:10]))
             settlement.deleted(stream, deleted)
-        await self.channel.settle(settlement)
-        self.stats.record(settlement, {stream: len(entries)}, claimed=True)
+
+    async def _settle(self, settlement: Settlement) -> None:
+        try:
+            await self.channel.settle(settlement)
+        except SettleRefused as exc:
+            await resend_refused(self.channel, settlement, exc, self._refused, self._outage, self.stopping)
+        finally:
+            self.stats.settled(settlement)

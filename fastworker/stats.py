@@ -1,9 +1,12 @@
 """Per-process counters and histograms, moved once per batch (never per message) so that counting costs nothing
 measurable on the hot path.
 
-Counters are keyed by (stream, group, outcome). Handler duration is observed once per stream batch as the mean
-per message over that batch; batch sizes once per batch. Snapshots are plain dicts, so a worker process can send
-them to the supervisor, which adds them up for /metrics.
+Counters are keyed by (stream, group, outcome). `received` and `claimed` count what a read returned; every other
+outcome is counted only once the server confirmed the settlement (an ack the server never confirmed is not an
+ack). Handler duration is observed once per stream batch as the mean per message over that batch; batch sizes once
+per batch. Snapshots are plain dicts, so a worker process can send them to the supervisor, which adds them up for
+/metrics. `problems` holds what keeps a loop from working (a settle the server refuses, an outage), by loop, for
+the fleet's health.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import bisect
 from typing import Any
 
-from fastworker.streams import Settlement
+from fastworker.settlement import Settlement
 
 OUTCOMES = ("received", "acked", "retried", "dead", "deleted", "claimed", "deduplicated")
 DURATION_BUCKETS_S = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0)
@@ -44,25 +47,28 @@ class Stats:
         self.durations: dict[tuple[str, str], Histogram] = {}
         self.batch_sizes: dict[str, Histogram] = {}
         self.batches = 0
+        self.problems: dict[str, str] = {}  # loop name -> what keeps it from working, while it lasts
 
     def _add(self, stream: str, group: str, outcome: str, value: int) -> None:
         if value:
             key = (stream, group, outcome)
             self.counts[key] = self.counts.get(key, 0) + value
 
-    def record(self, settlement: Settlement, received: dict[str, int], claimed: bool = False) -> None:
-        """Count one settled batch: `received` holds the number of entries read per stream."""
-        group = settlement.group
+    def received(self, group: str, counts: dict[str, int], claimed: bool = False) -> None:
+        """Count one batch read: `counts` holds the number of entries read per stream."""
         self.batches += 1
-        size = sum(received.values())
         if group not in self.batch_sizes:
             self.batch_sizes[group] = Histogram(BATCH_BUCKETS)
-        self.batch_sizes[group].observe(size)
-        for stream, count in received.items():
+        self.batch_sizes[group].observe(sum(counts.values()))
+        for stream, count in counts.items():
             self._add(stream, group, "received", count)
             if claimed:
                 self._add(stream, group, "claimed", count)
-        for outcome, counts in (("acked", settlement.acked_by_stream()), ("dead", settlement.dead_by_stream),
+
+    def settled(self, settlement: Settlement) -> None:
+        """Count what the server confirmed of one settlement, and its handler timings."""
+        group = settlement.group
+        for outcome, counts in (("acked", settlement.acked_by_stream), ("dead", settlement.dead_by_stream),
                                 ("retried", settlement.retried_by_stream), ("deleted", settlement.deleted_by_stream),
                                 ("deduplicated", settlement.deduplicated_by_stream)):
             for stream, count in counts.items():
@@ -82,4 +88,5 @@ class Stats:
             "durations": [[*key, h.snapshot()] for key, h in self.durations.items()],
             "batch_sizes": [[group, h.snapshot()] for group, h in self.batch_sizes.items()],
             "batches": self.batches,
+            "problems": dict(self.problems),
         }

@@ -4,9 +4,9 @@ Invariants kept here:
 - A batch costs one round trip: the settle commands of the previous batch (XACK, result XADDs, dead letters) travel
   in the same write as the next XREADGROUP, and the replies are read in order, so the connection never falls out
   of step even when one command fails.
-- An entry that publishes anything (results or a dead letter) is settled by one server script (SETTLE_SCRIPT)
-  that writes its outputs only if its XACK removed it from the PEL: never an ack without its outputs, never
-  outputs without the ack, never the outputs twice.
+- A settlement's steps are written as `fastworker.settlement` builds them (each all-or-nothing) and confirmed from
+  the replies. A step the server refused (an error reply) raises SettleRefused and stays in the settlement to be
+  sent again; after an I/O error the fate of what was sent is unknown, so it is never sent again.
 - redis-py's errors are translated into fastworker's here and nowhere else. After any I/O error a channel drops
   its connection; the caller decides when to reconnect.
 - Replies stay in the raw shape hiredis produces: redis-py's per-entry conversion is skipped on the hot path.
@@ -37,12 +37,13 @@ from fastworker.errors import (
     RedisAuthError,
     RedisCommandError,
     RedisUnavailable,
+    SettleRefused,
 )
-from fastworker.message import FieldValue, Message, RawEntry, text
+from fastworker.message import Message, RawEntry, text
+from fastworker.settlement import Command, Settlement
 
 logger = logging.getLogger(__name__)
 
-Command = tuple[FieldValue, ...]
 DEAD_FIELD_PREFIX = "fw:"
 
 
@@ -70,130 +71,6 @@ def translated(url: str = "") -> Iterator[None]:
         raise translate(exc, url) from exc
 
 
-# Settles the entries that publish something (results or a dead letter), atomically: an entry's outputs are
-# written only if its XACK removed it from the PEL, i.e. only by the consumer that settles it first. That is what
-# makes results exactly-once even when a slow batch was claimed by another consumer meanwhile and handled twice.
-# Every touched key is checked first, so a key of the wrong type fails the whole step before anything is written
-# (its entries stay pending, and end as dead letters once they run out of deliveries).
-# KEYS: every stream touched. ARGV: group, then per entry: stream, id, output count, then per output: stream,
-# field count, fields. Returns the number of entries this call settled.
-SETTLE_SCRIPT = """
-for _, key in ipairs(KEYS) do
-  local kind = redis.call('TYPE', key)['ok']
-  if kind ~= 'stream' and kind ~= 'none' then
-    return redis.error_reply('WRONGTYPE ' .. key .. ' holds a ' .. kind .. ', not a stream')
-  end
-end
-local group, i, settled = ARGV[1], 2, 0
-while i <= #ARGV do
-  local acked = redis.call('XACK', ARGV[i], group, ARGV[i + 1])
-  local outputs = tonumber(ARGV[i + 2])
-  i = i + 3
-  for _ = 1, outputs do
-    local count = tonumber(ARGV[i + 1])
-    if acked == 1 then
-      redis.call('XADD', ARGV[i], '*', unpack(ARGV, i + 2, i + 1 + count))
-    end
-    i = i + 2 + count
-  end
-  settled = settled + acked
-end
-return settled
-"""
-
-
-class Settlement:
-    """What one batch's handling decided, to be written in one step: plain acks, and the entries whose
-    acknowledgement carries outputs (results or a dead letter), which are settled by SETTLE_SCRIPT."""
-
-    __slots__ = ("acks", "dead_by_stream", "deduplicated_by_stream", "deleted_by_stream", "done", "group",
-                 "records", "retried_by_stream", "settled", "timings")
-
-    def __init__(self, group: str) -> None:
-        self.group = group
-        self.done = False  # written and confirmed by the server
-        self.acks: dict[str, list[str | bytes]] = {}
-        self.records: list[tuple[str, str | bytes, list[tuple[str, list[FieldValue]]]]] = []
-        self.settled: int | None = None  # records the server settled (others were settled before, elsewhere)
-        # Failures are rare, so they are counted as they happen; successes are counted per batch.
-        self.dead_by_stream: dict[str, int] = {}
-        self.retried_by_stream: dict[str, int] = {}
-        self.deleted_by_stream: dict[str, int] = {}
-        self.deduplicated_by_stream: dict[str, int] = {}  # acked without running the handler: done before
-        self.timings: dict[str, tuple[float, int]] = {}  # stream -> (seconds in handlers, handler calls)
-
-    def ack(self, message: Message) -> None:
-        if message.outputs:
-            self.records.append((message.stream, message.raw_id, message.outputs))
-        else:
-            self.acks.setdefault(message.stream, []).append(message.raw_id)
-
-    def ack_all(self, stream: str, messages: list[Message]) -> None:
-        if any(message.outputs for message in messages):
-            for message in messages:
-                self.ack(message)
-        else:
-            self.acks.setdefault(stream, []).extend([message.raw_id for message in messages])
-
-    def ack_ids(self, stream: str, ids: Iterable[str | bytes]) -> None:
-        self.acks.setdefault(stream, []).extend(ids)
-
-    def dead_letter(self, message: Message, dead_stream: str, error_class: str, error: str) -> None:
-        """Move `message` to `dead_stream`: its original fields plus where it came from and why it died."""
-        fields: list[FieldValue] = list(message.raw_fields)
-        fields += [
-            "fw:stream", message.stream, "fw:group", self.group, "fw:id", message.id,
-            "fw:deliveries", message.deliveries, "fw:error_class", error_class, "fw:error", error[:4096],
-            "fw:dead_at_ms", int(time.time() * 1000),
-        ]
-        self.records.append((message.stream, message.raw_id, [(dead_stream, fields)]))
-        _bump(self.dead_by_stream, message.stream)
-
-    def retry(self, message: Message) -> None:
-        """Leave `message` pending: the reclaimer hands it out again after claim_idle_ms."""
-        _bump(self.retried_by_stream, message.stream)
-
-    def deleted(self, stream: str, ids: Sequence[str | bytes]) -> None:
-        """Entries deleted while pending (XAUTOCLAIM said so): acknowledge and count them."""
-        self.ack_ids(stream, ids)
-        self.deleted_by_stream[stream] = self.deleted_by_stream.get(stream, 0) + len(ids)
-
-    def acked_by_stream(self) -> dict[str, int]:
-        """Entries acknowledged after success, per stream (dead letters and deleted entries not counted)."""
-        counts = {stream: len(ids) for stream, ids in self.acks.items()}
-        for stream, _, _ in self.records:
-            counts[stream] = counts.get(stream, 0) + 1
-        for stream, dead in self.dead_by_stream.items():
-            counts[stream] -= dead
-        for stream, deleted in self.deleted_by_stream.items():
-            counts[stream] -= deleted
-        return counts
-
-    @property
-    def acked(self) -> int:
-        return sum(self.acked_by_stream().values())
-
-    def __bool__(self) -> bool:
-        return bool(self.acks or self.records)
-
-    def commands(self) -> list[Command]:
-        commands: list[Command] = [("XACK", stream, self.group, *ids) for stream, ids in self.acks.items() if ids]
-        if self.records:
-            commands.append(self._script())
-        return commands
-
-    def _script(self) -> Command:
-        keys: dict[str, None] = {}
-        args: list[FieldValue] = [self.group]
-        for stream, entry_id, outputs in self.records:
-            keys[stream] = None
-            args += [stream, entry_id, len(outputs)]
-            for out_stream, fields in outputs:
-                keys[out_stream] = None
-                args += [out_stream, len(fields), *fields]
-        return ("EVAL", SETTLE_SCRIPT, len(keys), *keys, *args)
-
-
 _HEADS: dict[int, bytes] = {}  # "\r\n$<length>\r\n" by length: formatting it is most of a packer's work
 
 
@@ -219,25 +96,16 @@ def pack(commands: Sequence[Command]) -> bytes:
     return b"".join(out)[2:]  # each piece leads with the previous one's CRLF
 
 
-def _bump(counts: dict[str, int], key: str) -> None:
-    counts[key] = counts.get(key, 0) + 1
-
-
-def _check_settled(replies: Sequence[Any], url: str) -> None:
-    """Raise if a settlement's replies hold an error (nothing of a failed script step was written)."""
-    for reply in replies:
-        if isinstance(reply, Exception):
-            raise translate(reply, url)
-
-
-def _record_settled(settlement: Settlement, replies: Sequence[Any]) -> None:
-    settlement.done = True
-    if settlement.records:
-        settlement.settled = int(replies[-1])
-        skipped = len(settlement.records) - settlement.settled
-        if skipped:
-            logger.info("%d entries of group=%s were settled by another consumer first; their results were not "
-                        "written again", skipped, settlement.group)
+def settle_errors(settlement: Settlement, replies: Sequence[Any], url: str) -> None:
+    """Confirm a settlement's replies; raise SettleRefused if the server refused any of its steps (those steps
+    wrote nothing and stay in the settlement, to be sent again)."""
+    errors = settlement.confirm(replies)
+    if settlement.skipped:
+        logger.info("%d entries of group=%s were settled by another consumer first; their outputs were not "
+                    "written again", settlement.skipped, settlement.group)
+        settlement.skipped = 0
+    if errors:
+        raise SettleRefused(translate(errors[0], url), len(errors))
 
 
 class Channel:
@@ -301,8 +169,7 @@ class Channel:
                          *(("BLOCK", block_ms) if block_ms is not None else ()), "STREAMS", *ids, *ids.values())
         replies = await self._exchange([*settle, read])
         if settlement is not None:
-            _check_settled(replies[:-1], self._url)
-            _record_settled(settlement, replies[:-1])
+            settle_errors(settlement, replies[:-1], self._url)  # the entries just read stay pending if it raises
         if isinstance(replies[-1], Exception):
             raise translate(replies[-1], self._url)
         return _stream_entries(replies[-1])
@@ -310,9 +177,7 @@ class Channel:
     async def settle(self, settlement: Settlement) -> None:
         """Write a settlement on its own (the last batch before stopping, or a reclaimed batch)."""
         if settlement and not settlement.done:
-            replies = await self._exchange(settlement.commands())
-            _check_settled(replies, self._url)
-            _record_settled(settlement, replies)
+            settle_errors(settlement, await self._exchange(settlement.commands()), self._url)
 
     async def autoclaim(self, stream: str, group: str, consumer: str, min_idle_ms: int, cursor: str,
                         count: int) -> tuple[str, list[RawEntry], list[str]]:
@@ -321,6 +186,32 @@ class Channel:
                                         "COUNT", count)]))[0]
         deleted = [text(i) for i in reply[2]] if len(reply) > 2 else []
         return text(reply[0]), reply[1], deleted
+
+    async def pending_idle(self, stream: str, group: str, min_idle_ms: int, start: str, count: int,
+                           consumer: str | None = None) -> list[tuple[bytes, str, int]]:
+        """Pending entries idle at least `min_idle_ms`, from id `start` on (XPENDING ... IDLE): (raw id, owner,
+        deliveries) each, at most `count`, optionally of one consumer only."""
+        rows = (await self.roundtrip([("XPENDING", stream, group, "IDLE", min_idle_ms, start, "+", count,
+                                       *((consumer,) if consumer else ()))]))[0]
+        return [(row[0], text(row[1]), int(row[3])) for row in rows]
+
+    async def claim(self, stream: str, group: str, consumer: str, min_idle_ms: int, ids: Sequence[str | bytes],
+                    settlement: Settlement | None = None) -> list[RawEntry]:
+        """Settle `settlement` (if any), then XCLAIM `ids` still idle at least `min_idle_ms` into `consumer`, in one
+        round trip. Returns the claimed entries (a delivery counted for each); ids that were deleted from the stream
+        meanwhile are dropped from the PEL by the server and missing from the reply, like those claimed elsewhere."""
+        settle = settlement.commands() if settlement else []
+        replies = await self._exchange([*settle, ("XCLAIM", stream, group, consumer, min_idle_ms, *ids)])
+        if settlement is not None:
+            settle_errors(settlement, replies[:-1], self._url)
+        if isinstance(replies[-1], Exception):
+            raise translate(replies[-1], self._url)
+        return [entry for entry in replies[-1] if entry]
+
+    async def existing(self, stream: str, ids: Sequence[str | bytes]) -> set[str]:
+        """Which of `ids` are still in the stream (one XRANGE per id, in one round trip)."""
+        replies = await self.roundtrip([("XRANGE", stream, entry_id, entry_id) for entry_id in ids])
+        return {text(entry_id) for entry_id, reply in zip(ids, replies, strict=True) if reply}
 
     async def deliveries(self, stream: str, group: str, consumer: str, entries: Sequence[RawEntry]) -> dict[str, int]:
         """Delivery counts of `entries`, pending for `consumer` (XPENDING extended form over their id range).

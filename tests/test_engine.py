@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 
 from fastworker import App, Dedup, EmbeddedServer, Message, Reject
 from fastworker.errors import RedisCommandError
-from fastworker.streams import Settlement
+from fastworker.settlement import Settlement
 from tests.conftest import JOB, RunningWorker, make_settings, pending_count, publish, wait_for
 
 
@@ -235,7 +235,7 @@ async def _settle_once(server: EmbeddedServer, settlement: Settlement) -> int | 
     finally:
         await channel.aclose()
         await streams.aclose()
-    return settlement.settled
+    return sum(settlement.acked_by_stream.values()) + sum(settlement.dead_by_stream.values())
 
 
 def _settlement(group: str, stream: str, ok_id: str, bad_id: str, results: str) -> Settlement:
@@ -378,7 +378,7 @@ async def test_reclaimer_counts_deliveries_of_claims_among_its_own_pending(serve
     assert not {m.id for m in seen} & set(poison)
     assert {m.id for m in seen} == set(own)
     dead = [f for _, f in await rc.xrange(f"{stream}:dead")]
-    assert {f[b"fw:error_class"] for f in dead} == {b"MaxDeliveriesExceeded"}
+    assert {f[b"fw:error_class"] for f in dead} == {b"KilledWorker"}
 
 
 async def test_long_batch_is_not_claimed_while_it_is_handled(server: EmbeddedServer, rc: aioredis.Redis,

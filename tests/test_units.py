@@ -11,7 +11,7 @@ import pytest
 from fastworker import App, ConfigError, Message, Reject, Retry, Settings, config, load_settings
 from fastworker.message import decode_entries
 from fastworker.policy import Action, backoff_s, decide, exhausted, shard
-from fastworker.streams import Settlement
+from fastworker.settlement import SCRIPT_MAX_VALUES, Settlement
 
 JOB = orjson.dumps({"job_id": "job_01J9", "shop_id": "shop_4821"})
 
@@ -168,15 +168,51 @@ def test_settlement_commands_ack_only_without_outputs() -> None:
     assert settlement.commands() == [("XACK", "s", "g", "1-0")]
 
 
-def test_settlement_counts_acked_per_stream_without_dead_or_deleted() -> None:
+def _mixed_settlement() -> Settlement:
     settlement = Settlement("g")
     with_result = Message("s", "1-0", [b"k", b"v"], None, 1)
     with_result.emit("out", {"x": 1})
     settlement.ack_all("s", [with_result, Message("s", "2-0", [b"k", b"v"], None, 1)])
     settlement.dead_letter(Message("s", "3-0", [b"k", b"v"], None, 5), "s:dead", "ValueError", "boom")
     settlement.deleted("t", ["9-0"])
-    assert settlement.acked_by_stream() == {"s": 2, "t": 0}
-    assert [command[0] for command in settlement.commands()] == ["XACK", "XACK", "EVAL"]
+    settlement.retry(Message("s", "4-0", [b"k", b"v"], None, 1))
+    return settlement
+
+
+def test_settlement_counts_only_what_the_server_confirmed() -> None:
+    settlement = _mixed_settlement()
+    assert [command[0] for command in settlement.commands()] == ["XACK", "XACK", "XCLAIM", "EVAL"]
+    assert settlement.acked_by_stream == {}  # nothing is counted before the replies
+    # the plain ack of 2-0 found it already acked (0); the script settled 1-0 but 3-0 was settled elsewhere first
+    assert settlement.confirm([0, 0, [b"4-0"], [1, 0]]) == []
+    assert settlement.done
+    assert settlement.acked_by_stream == {"s": 1}
+    assert settlement.dead_by_stream == {}
+    assert settlement.deleted_by_stream == {"t": 1}
+    assert settlement.retried_by_stream == {"s": 1}
+    assert settlement.skipped == 1
+
+
+def test_settlement_sends_again_only_the_steps_the_server_refused() -> None:
+    settlement = _mixed_settlement()
+    settlement.commands()
+    refused = Exception("NOPERM this user may not XADD to out")
+    assert settlement.confirm([1, 0, [b"4-0"], refused]) == [refused]
+    assert not settlement.done
+    assert [command[0] for command in settlement.commands()] == ["EVAL"]
+    assert settlement.confirm([[1, 1]]) == []
+    assert settlement.done
+    assert settlement.acked_by_stream == {"s": 2} and settlement.dead_by_stream == {"s": 1}
+
+
+def test_settlement_sends_outputs_too_large_for_the_script_as_a_transaction() -> None:
+    settlement = Settlement("g")
+    big = Message("s", "1-0", [b"k", b"v"], None, 1)
+    big.emit("out", fields={f"f{i}": "v" for i in range(SCRIPT_MAX_VALUES // 2 + 1)})
+    settlement.ack(big)
+    assert [command[0] for command in settlement.commands()] == ["MULTI", "XADD", "EVAL", "EXEC"]
+    assert settlement.confirm([b"OK", b"QUEUED", b"QUEUED", [b"1-1", 1]]) == []
+    assert settlement.acked_by_stream == {"s": 1}
 
 
 def test_pack_speaks_resp() -> None:

@@ -1,0 +1,290 @@
+"""Settlement: what handling one batch decided, as the commands that write it, and what the server confirmed.
+
+Pure bookkeeping, no I/O: `commands()` gives the commands of the steps not yet written, `confirm()` takes their
+replies. A step is all-or-nothing, so a step the server refused can be sent again as it is, without handling its
+entries again: plain XACKs are idempotent, and every step that writes outputs either writes all of them with the
+ack or nothing.
+
+Invariants:
+- An entry that publishes anything (results or a dead letter) is settled by a step that writes its outputs only if
+  its XACK removed it from the PEL: never an ack without its outputs, never outputs without the ack, never the
+  outputs twice (exactly-once results, even when a slow batch was claimed and handled elsewhere meanwhile).
+- Outputs of any size the server accepts: those small enough for the script's argument unpacking go through
+  SETTLE_SCRIPT, larger ones through a transaction that adds them and then keeps them only if its XACK settled the
+  entry (LARGE_OUTPUT_SCRIPT removes them otherwise, inside the same EXEC).
+- Counts are counted from the replies: an entry counts as acked or dead only once the server confirmed it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from fastworker.message import FieldValue, Message
+
+Command = tuple[FieldValue, ...]
+Output = tuple[str, list[FieldValue]]
+
+# A failed entry is moved (XCLAIM ... JUSTID: no delivery counted, idle time reset) to this consumer of its group.
+# Its pending entries are retries waiting for their delay, so any entry pending elsewhere and idle past claim idle
+# had no verdict at all: its worker died (or hung) while handling it, and it is recovered in isolation.
+RETRY_CONSUMER = "fastworker.retry"
+
+# Lua's unpack() stops at about 8,000 values (measured: 7,999 on Valkey 9.1 and Redis 7.0). An output with more
+# field values than this goes through the transaction instead of the script.
+SCRIPT_MAX_VALUES = 7_000
+
+# Settles the entries with small outputs, atomically: an entry's outputs are written only if its XACK removed it
+# from the PEL, i.e. only by the consumer that settles it first. Before anything is written, every key is checked for
+# its type and every write for the user's permission, so the script either runs whole or writes nothing (a Lua
+# script that fails part-way keeps what it did). Past the first write, the server does not refuse later writes for
+# memory, so nothing fails in the middle.
+# KEYS: every stream touched, sources first. ARGV: group, source count, then per entry: stream, id, output count,
+# then per output: stream, value count, values. Returns one flag per entry: 1 settled here, 0 settled before.
+SETTLE_SCRIPT = """
+for k, key in ipairs(KEYS) do
+  local kind = redis.call('TYPE', key)['ok']
+  if kind ~= 'stream' and kind ~= 'none' then
+    return redis.error_reply('WRONGTYPE ' .. key .. ' holds a ' .. kind .. ', not a stream')
+  end
+  if k <= tonumber(ARGV[2]) then
+    if not redis.acl_check_cmd('XACK', key, ARGV[1], '0-1') then
+      return redis.error_reply('NOPERM this user may not XACK ' .. key)
+    end
+  elseif not redis.acl_check_cmd('XADD', key, '*', 'f', 'v') then
+    return redis.error_reply('NOPERM this user may not XADD to ' .. key)
+  end
+end
+local group, i, flags = ARGV[1], 3, {}
+while i <= #ARGV do
+  local acked = redis.call('XACK', ARGV[i], group, ARGV[i + 1])
+  local outputs = tonumber(ARGV[i + 2])
+  i = i + 3
+  for _ = 1, outputs do
+    local count = tonumber(ARGV[i + 1])
+    if acked == 1 then
+      redis.call('XADD', ARGV[i], '*', unpack(ARGV, i + 2, i + 1 + count))
+    end
+    i = i + 2 + count
+  end
+  flags[#flags + 1] = acked
+end
+return flags
+"""
+
+# The end of one large entry's transaction: MULTI, XADD of each output (sent by the client, so no unpack limit),
+# then this script, then EXEC. EXEC runs it all with nothing in between, so if the XACK did not settle the entry
+# (settled elsewhere first), or an output key is not a stream (its XADD failed), the outputs just added are the
+# newest entries of their streams and are deleted again: nobody can have read them.
+# KEYS[1]: source stream, then the output streams (distinct). ARGV: group, entry id, then per output stream the
+# number of entries the transaction added to it. Returns 1 settled here, 0 settled before.
+LARGE_OUTPUT_SCRIPT = """
+local wrong = nil
+for k = 2, #KEYS do
+  local kind = redis.call('TYPE', KEYS[k])['ok']
+  if kind ~= 'stream' then wrong = KEYS[k] .. ' holds a ' .. kind .. ', not a stream' end
+end
+local acked = 0
+if wrong == nil then acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) end
+if acked == 1 then return 1 end
+for k = 2, #KEYS do
+  if redis.call('TYPE', KEYS[k])['ok'] == 'stream' then
+    for _, entry in ipairs(redis.call('XREVRANGE', KEYS[k], '+', '-', 'COUNT', tonumber(ARGV[k + 1]))) do
+      redis.call('XDEL', KEYS[k], entry[1])
+    end
+  end
+end
+if wrong ~= nil then return redis.error_reply('WRONGTYPE ' .. wrong) end
+return 0
+"""
+
+
+class Record:
+    """An entry whose ack carries outputs: results, or its dead letter."""
+
+    __slots__ = ("dead", "entry_id", "outputs", "stream")
+
+    def __init__(self, stream: str, entry_id: str | bytes, outputs: list[Output], dead: bool) -> None:
+        self.stream = stream
+        self.entry_id = entry_id
+        self.outputs = outputs
+        self.dead = dead
+
+    @property
+    def large(self) -> bool:
+        return any(len(values) > SCRIPT_MAX_VALUES for _, values in self.outputs)
+
+
+class Step:
+    """Commands that are written together or not at all, and what their reply confirms."""
+
+    __slots__ = ("commands", "done", "kind", "records", "size", "stream")
+
+    def __init__(self, kind: str, commands: list[Command], stream: str = "", size: int = 0,
+                 records: Sequence[Record] = ()) -> None:
+        self.kind = kind  # ack | deleted | retry | script | large
+        self.commands = commands
+        self.stream = stream
+        self.size = size  # entries an ack, deleted or retry step covers
+        self.records = records
+        self.done = False
+
+
+class Settlement:
+    """What one batch's handling decided, written in as few steps as possible (one per kind, one script call for
+    the entries with small outputs), and the counts the server confirmed."""
+
+    __slots__ = ("_retries", "_steps", "acked_by_stream", "acks", "claimed", "dead_by_stream",
+                 "deduplicated_by_stream", "deleted_by_stream", "forgotten", "group", "received", "records",
+                 "retried_by_stream", "skipped", "timings")
+
+    def __init__(self, group: str) -> None:
+        self.group = group
+        self.acks: dict[str, list[str | bytes]] = {}  # handled, nothing to publish
+        self.records: list[Record] = []  # handled with results, or dead-lettered
+        self._retries: dict[str, list[str | bytes]] = {}  # failed, to be retried: moved to RETRY_CONSUMER
+        self.forgotten: dict[str, list[str | bytes]] = {}  # deleted while pending: acked, counted as deleted
+        self.received: dict[str, int] = {}  # entries read, per stream
+        self.claimed = False  # read by the reclaimer
+        self.timings: dict[str, tuple[float, int]] = {}  # stream -> (seconds in handlers, handler calls)
+        self.deduplicated_by_stream: dict[str, int] = {}  # acked without running the handler: done before
+        # Confirmed by the server, filled in by confirm():
+        self.acked_by_stream: dict[str, int] = {}
+        self.dead_by_stream: dict[str, int] = {}
+        self.retried_by_stream: dict[str, int] = {}
+        self.deleted_by_stream: dict[str, int] = {}
+        self.skipped = 0  # entries with outputs that another consumer had settled first
+        self._steps: list[Step] | None = None
+
+    # -- deciding ---------------------------------------------------------------------------------------------
+
+    def ack(self, message: Message) -> None:
+        if message.outputs:
+            self.records.append(Record(message.stream, message.raw_id, message.outputs, False))
+        else:
+            self.acks.setdefault(message.stream, []).append(message.raw_id)
+
+    def ack_all(self, stream: str, messages: list[Message]) -> None:
+        if any(message.outputs for message in messages):
+            for message in messages:
+                self.ack(message)
+        else:
+            self.acks.setdefault(stream, []).extend([message.raw_id for message in messages])
+
+    def dead_letter(self, message: Message, dead_stream: str, error_class: str, error: str) -> None:
+        """Move `message` to `dead_stream`: its original fields plus where it came from and why it died."""
+        fields: list[FieldValue] = list(message.raw_fields)
+        fields += [
+            "fw:stream", message.stream, "fw:group", self.group, "fw:id", message.id,
+            "fw:deliveries", message.deliveries, "fw:error_class", error_class, "fw:error", error[:4096],
+            "fw:dead_at_ms", int(time.time() * 1000),
+        ]
+        self.records.append(Record(message.stream, message.raw_id, [(dead_stream, fields)], True))
+
+    def retry(self, message: Message) -> None:
+        """Leave `message` pending for a retry: it moves to the group's RETRY_CONSUMER, whose entries the reclaimer
+        hands out again once they have been idle for the retry delay."""
+        self._retries.setdefault(message.stream, []).append(message.raw_id)
+
+    def deleted(self, stream: str, ids: Sequence[str | bytes]) -> None:
+        """Entries deleted while pending: acknowledge and count them."""
+        self.forgotten.setdefault(stream, []).extend(ids)
+
+    def __bool__(self) -> bool:
+        return bool(self.acks or self.records or self._retries or self.forgotten)
+
+    # -- writing ----------------------------------------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        """Every step written and confirmed."""
+        return self._steps is not None and all(step.done for step in self._steps)
+
+    def commands(self) -> list[Command]:
+        """The commands of every step not yet confirmed, in order."""
+        if self._steps is None:
+            self._steps = self._plan()
+        return [command for step in self._steps if not step.done for command in step.commands]
+
+    def confirm(self, replies: Sequence[Any]) -> list[Exception]:
+        """Take the replies to `commands()`, in order: count what each written step confirmed and return the
+        server's errors of the steps it refused (those stay to be sent again)."""
+        assert self._steps is not None, "confirm() before commands()"
+        errors: list[Exception] = []
+        position = 0
+        for step in self._steps:
+            if step.done:
+                continue
+            mine = replies[position:position + len(step.commands)]
+            position += len(step.commands)
+            error = next((reply for reply in mine if isinstance(reply, Exception)), None)
+            last = mine[-1]
+            if error is None and step.kind == "large" and isinstance(last, list):
+                error = next((reply for reply in last if isinstance(reply, Exception)), None)
+            if error is not None:
+                errors.append(error)
+                continue
+            step.done = True
+            self._count(step, last)
+        return errors
+
+    def _count(self, step: Step, reply: Any) -> None:
+        if step.kind == "ack":
+            _add(self.acked_by_stream, step.stream, int(reply))
+        elif step.kind == "deleted":
+            _add(self.deleted_by_stream, step.stream, step.size)
+        elif step.kind == "retry":
+            _add(self.retried_by_stream, step.stream, step.size)
+        else:
+            flags = reply if step.kind == "script" else [reply[-1]]
+            for record, flag in zip(step.records, flags, strict=True):
+                if int(flag) != 1:
+                    self.skipped += 1
+                else:
+                    _add(self.dead_by_stream if record.dead else self.acked_by_stream, record.stream, 1)
+
+    def _plan(self) -> list[Step]:
+        group = self.group
+        steps = [Step("ack", [("XACK", stream, group, *ids)], stream, len(ids))
+                 for stream, ids in self.acks.items() if ids]
+        steps += [Step("deleted", [("XACK", stream, group, *ids)], stream, len(ids))
+                  for stream, ids in self.forgotten.items() if ids]
+        steps += [Step("retry", [("XCLAIM", stream, group, RETRY_CONSUMER, 0, *ids, "JUSTID")], stream, len(ids))
+                  for stream, ids in self._retries.items() if ids]
+        small = [record for record in self.records if not record.large]
+        if small:
+            steps.append(Step("script", [settle_script_call(group, small)], records=small))
+        steps += [Step("large", large_output_transaction(group, record), records=[record])
+                  for record in self.records if record.large]
+        return steps
+
+
+def settle_script_call(group: str, records: Sequence[Record]) -> Command:
+    sources = dict.fromkeys(record.stream for record in records)
+    outputs: dict[str, None] = {}
+    args: list[FieldValue] = [group, len(sources)]
+    for record in records:
+        args += [record.stream, record.entry_id, len(record.outputs)]
+        for out_stream, values in record.outputs:
+            outputs.setdefault(out_stream)
+            args += [out_stream, len(values), *values]
+    keys = [*sources, *outputs]  # a key both read and written is checked for both
+    return ("EVAL", SETTLE_SCRIPT, len(keys), *keys, *args)
+
+
+def large_output_transaction(group: str, record: Record) -> list[Command]:
+    added: dict[str, int] = {}
+    commands: list[Command] = [("MULTI",)]
+    for out_stream, values in record.outputs:
+        commands.append(("XADD", out_stream, "*", *values))
+        added[out_stream] = added.get(out_stream, 0) + 1
+    commands.append(("EVAL", LARGE_OUTPUT_SCRIPT, 1 + len(added), record.stream, *added,
+                     group, record.entry_id, *added.values()))
+    commands.append(("EXEC",))
+    return commands
+
+
+def _add(counts: dict[str, int], key: str, value: int) -> None:
+    if value:
+        counts[key] = counts.get(key, 0) + value
