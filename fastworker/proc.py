@@ -24,3 +24,15 @@ def set_process_name(name: str) -> None:
     """Set the name in /proc/PID/comm (15 bytes at most), e.g. `fw-worker-0`."""
     if _LIBC is not None:
         _LIBC.prctl(PR_SET_NAME, name.encode()[:15])
+
+
+def describe_exit(code: int | None) -> str:
+    """How a child process ended, from its exit code (negative: the signal that killed it)."""
+    if code is None:
+        return "exited (code unknown)"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"

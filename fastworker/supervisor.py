@@ -1,10 +1,17 @@
 """The fleet supervisor: spreads consumer names over worker processes and keeps them running.
 
-Each worker is an aiomultiprocess `Process` (spawned, uvloop, its own asyncio loop) running a `Worker` for a fixed
-shard of consumer names. Not `aiomultiprocess.Pool`: a pool never answers for a coroutine whose child was killed.
-The supervisor watches each child's exit sentinel (no polling), restarts a dead child under the same names after
-a short backoff (so it resumes its own pending entries at once), and gives up with CRASH_LOOP when children keep
-dying, leaving the decision to systemd or Kubernetes.
+Each worker is a `multiprocessing` process of the spawn context whose target runs a `Worker` for a fixed shard of
+consumer names on its own uvloop. No helper process is involved (aiomultiprocess's Process needed its manager
+process for every start, so a killed manager stopped every restart). The supervisor watches each child's exit
+sentinel (no polling) and restarts a dead child under the same names after a backoff, so that it resumes its own
+pending entries at once.
+
+Deaths are judged by whether the child had become ready (connected, groups checked, loops running). A child that
+dies after that (an OOM kill, an operator's SIGKILL, a crash in a handler) is restarted with a per-slot backoff that
+grows while it keeps dying (capped, jittered) and starts over once a child has stayed up STABLE_AFTER_S. A child
+that dies before it was ready (the import, the config, the connection), or that cannot be started at all, is a
+crash: crash_loop_restarts of those within crash_loop_window_s stop the fleet with CRASH_LOOP, leaving the decision
+to systemd or Kubernetes. Each death is logged once, with its exit code or signal.
 
 Signals: the first SIGTERM/SIGINT is forwarded as SIGTERM and the children drain within shutdown_grace_s; the
 supervisor SIGKILLs stragglers after that and exits 0. A second signal is forwarded too (children leave at once)
@@ -12,7 +19,8 @@ and the supervisor exits with 130. Children ignore SIGINT (a terminal's Ctrl-C r
 only the supervisor decides) and get PR_SET_PDEATHSIG, so they drain and exit when the supervisor is SIGKILLed.
 
 Each child reports over a pipe: once when ready, then a heartbeat with its counters every second. That feeds
-readiness (systemd READY=1, /readyz), liveness (/healthz: every child alive and its loop turning) and /metrics.
+readiness (systemd READY=1, /readyz), liveness (/healthz: every child alive, ready and its loop turning) and
+/metrics.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import multiprocessing
 import os
 import signal
 import socket
@@ -27,11 +36,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from multiprocessing.managers import SyncManager
+from multiprocessing.context import SpawnProcess
 from typing import Any
 
-import aiomultiprocess
-import aiomultiprocess.core
 import uvloop
 
 from fastworker import logs
@@ -40,7 +47,7 @@ from fastworker.config import Settings
 from fastworker.errors import CrashLoop, ExitCode, FastworkerError
 from fastworker.monitor import Monitor
 from fastworker.policy import backoff_s, shard
-from fastworker.proc import die_with_parent, set_process_name
+from fastworker.proc import describe_exit, die_with_parent, set_process_name
 from fastworker.streams import Streams
 from fastworker.worker import Worker, install_signal_handlers, serve
 
@@ -49,6 +56,11 @@ logger = logging.getLogger(__name__)
 HEARTBEAT_S = 1.0
 STALE_AFTER_S = 10.0  # a child whose loop has not reported for this long is not healthy
 KILL_MARGIN_S = 5.0  # after the grace, how long before stragglers are SIGKILLed
+RESTART_BASE_S = 0.2  # first restart delay of a slot (jittered: half to all of it), doubling while it keeps dying
+RESTART_CAP_S = 5.0  # the longest restart delay
+STABLE_AFTER_S = 30.0  # a child that stayed up this long since it was ready resets its slot's restart delay
+
+_SPAWN = multiprocessing.get_context("spawn")
 
 
 @dataclass
@@ -57,11 +69,14 @@ class Slot:
 
     index: int
     names: list[str]
-    process: Any = None
+    process: SpawnProcess | None = None
     conn: Connection | None = None
-    ready: bool = False
+    ready: bool = False  # the current process reported ready
+    ready_at: float = 0.0  # when it reported ready
     last_beat: float = 0.0
-    restarts: int = 0
+    restarts: int = 0  # deaths since the slot last ran stable: the restart delay's exponent
+    down: str | None = None  # why the slot is restarting (the last death), until its new process is ready
+    timer: asyncio.TimerHandle | None = None  # the pending restart
     stats: dict[str, Any] = field(default_factory=dict)  # the current process's last report
     past: list[dict[str, Any]] = field(default_factory=list)  # last reports of the processes before it
 
@@ -79,7 +94,7 @@ class Supervisor:
         self.settings = settings
         self.slots = [Slot(index, names)
                       for index, names in enumerate(shard(settings.consumer_names(), settings.processes))]
-        self.crashes: deque[float] = deque()
+        self.crashes: deque[float] = deque()  # when children died before they were ready (or failed to start)
         self.restarts_total = 0
         self._stopping = False
         self._done: asyncio.Future[int] | None = None
@@ -90,7 +105,6 @@ class Supervisor:
     def run(self) -> int:
         """Check the server, start the fleet, and block until it has stopped; returns the exit code."""
         asyncio.run(preflight(self.app, self.settings))
-        _own_manager()
         return uvloop.run(self._main())
 
     async def _main(self) -> int:
@@ -98,7 +112,7 @@ class Supervisor:
         self._done = loop.create_future()
         install_signal_handlers(self.stop, self._leave_now)
         for slot in self.slots:
-            self._spawn(slot)
+            self._start(slot)
         monitor = Monitor(self, self.app, self.settings)
         await monitor.start()
         for hook in self.on_started:
@@ -112,18 +126,32 @@ class Supervisor:
 
     # -- children -------------------------------------------------------------------------------------------
 
+    def _start(self, slot: Slot) -> None:
+        """Start the slot's process; a start that fails for any reason is a crash before ready."""
+        slot.timer = None
+        if self._stopping:
+            return
+        try:
+            self._spawn(slot)
+        except Exception as exc:
+            self._died(slot, f"could not be started ({type(exc).__name__}: {exc})", before_ready=True,
+                       exc_info=exc)
+
     def _spawn(self, slot: Slot) -> None:
-        receiver, sender = aiomultiprocess.core.get_context().Pipe(duplex=False)
-        process = aiomultiprocess.Process(
-            target=worker_process, args=(self.app_ref, self.settings, slot.names, sender, os.getpid()),
-            name=f"fastworker-{slot.index}", initializer=_child_init, initargs=(self.settings, slot.index),
-            loop_initializer=uvloop.new_event_loop, process_target=_child_main)
-        process.start()
-        sender.close()
-        slot.process, slot.conn, slot.ready, slot.last_beat = process, receiver, False, time.monotonic()
+        process, receiver = start_worker_process(self.app_ref, self.settings, slot.index, slot.names)
         loop = asyncio.get_running_loop()
-        loop.add_reader(process.aio_process.sentinel, self._exited, slot, process)
-        loop.add_reader(receiver.fileno(), self._report, slot, receiver)
+        try:
+            loop.add_reader(process.sentinel, self._exited, slot, process)
+            loop.add_reader(receiver.fileno(), self._report, slot, receiver)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(process.sentinel)
+            process.kill()
+            process.join(2)
+            receiver.close()
+            raise
+        slot.process, slot.conn, slot.ready = process, receiver, False
+        slot.last_beat = time.monotonic()
         logger.info("started worker process index=%d pid=%s consumers=%s", slot.index, process.pid,
                     ",".join(slot.names))
 
@@ -133,25 +161,30 @@ class Supervisor:
         except (EOFError, OSError):
             asyncio.get_running_loop().remove_reader(conn.fileno())
             return
+        self._take(slot, kind, payload)
+
+    def _take(self, slot: Slot, kind: str, payload: dict[str, Any]) -> None:
         slot.last_beat = time.monotonic()
         slot.stats = payload
         if kind == "ready" and not slot.ready:
-            slot.ready = True
+            slot.ready, slot.ready_at, slot.down = True, slot.last_beat, None
             if not self.all_ready.is_set() and all(s.ready for s in self.slots):
                 self.all_ready.set()
                 notify_systemd("READY=1")
                 logger.info("all %d worker processes ready", len(self.slots))
 
     def _drain_reports(self, slot: Slot, conn: Connection) -> None:
-        """Read what an exited child sent last (its final counters) before the pipe is closed."""
+        """Read what an exited child sent last (its ready report, its final counters) before the pipe closes."""
         with contextlib.suppress(EOFError, OSError):
             while conn.poll():
-                _, slot.stats = conn.recv()
+                kind, slot.stats = conn.recv()
+                if kind == "ready" and not slot.ready:  # it was ready, if only just: not a crash
+                    slot.ready, slot.ready_at = True, time.monotonic()
 
-    def _exited(self, slot: Slot, process: Any) -> None:
+    def _exited(self, slot: Slot, process: SpawnProcess) -> None:
         loop = asyncio.get_running_loop()
-        loop.remove_reader(process.aio_process.sentinel)
-        process.aio_process.join(2)  # the sentinel fires at exit; reap it so exitcode is set
+        loop.remove_reader(process.sentinel)
+        process.join(2)  # the sentinel fires at exit; reap it so exitcode is set
         code = process.exitcode
         if slot.conn is not None:
             with contextlib.suppress(ValueError, OSError):
@@ -162,37 +195,47 @@ class Supervisor:
         if slot.stats:
             slot.past.append(slot.stats)  # counters stay monotonic across restarts
             slot.stats = {}
-        slot.ready = False
+        was_ready, slot.ready = slot.ready, False
         if self._stopping:
-            logger.info("worker process index=%d exited code=%s", slot.index, code)
+            logger.info("worker process index=%d pid=%s exited: %s", slot.index, process.pid, describe_exit(code))
             if not any(s.alive for s in self.slots):
                 self._finish(ExitCode.OK)
             return
-        self._crashed(slot, code)
+        if was_ready:
+            uptime = time.monotonic() - slot.ready_at
+            self._died(slot, f"pid={process.pid} {describe_exit(code)} after it was ready (up {uptime:.1f} s)",
+                       before_ready=False, stable=uptime >= STABLE_AFTER_S)
+        else:
+            self._died(slot, f"pid={process.pid} {describe_exit(code)} before it was ready", before_ready=True)
 
-    def _crashed(self, slot: Slot, code: int | None) -> None:
+    def _died(self, slot: Slot, what: str, before_ready: bool, stable: bool = False,
+              exc_info: BaseException | None = None) -> None:
+        """One death of a slot's process (or a failed start): log it once, then restart it or give up."""
         now = time.monotonic()
-        window = self.settings.crash_loop_window_s
-        self.crashes.append(now)
-        while self.crashes and self.crashes[0] < now - window:
-            self.crashes.popleft()
-        if len(self.crashes) >= self.settings.crash_loop_restarts:
-            logger.error("crash loop: %d worker exits within %.0f s (last code=%s); giving up",
-                         len(self.crashes), window, code)
-            self._fail = CrashLoop(f"worker processes died {len(self.crashes)} times within {window:g} s; "
-                                   "see the log for the cause")
-            self.stop()
-            return
-        delay = backoff_s(slot.restarts, base_s=0.2, cap_s=5.0)
+        slot.down = what
+        if stable:
+            slot.restarts = 0
+        if before_ready:
+            window = self.settings.crash_loop_window_s
+            self.crashes.append(now)
+            while self.crashes and self.crashes[0] < now - window:
+                self.crashes.popleft()
+            count = f"crash {len(self.crashes)} of {self.settings.crash_loop_restarts} within {window:g} s"
+            if len(self.crashes) >= self.settings.crash_loop_restarts:
+                logger.error("worker process index=%d %s (%s): crash loop, giving up", slot.index, what, count,
+                             exc_info=exc_info)
+                self._fail = CrashLoop(f"worker processes died {len(self.crashes)} times within {window:g} s "
+                                       "before they were ready; see the log for the cause")
+                self.stop()
+                return
+            what = f"{what} ({count})"
+        delay = backoff_s(slot.restarts, base_s=RESTART_BASE_S, cap_s=RESTART_CAP_S)
         slot.restarts += 1
         self.restarts_total += 1
-        logger.warning("worker process index=%d died code=%s; restarting in %.2f s under the same names",
-                       slot.index, code, delay)
-        asyncio.get_running_loop().call_later(delay, self._respawn, slot)
-
-    def _respawn(self, slot: Slot) -> None:
-        if not self._stopping:
-            self._spawn(slot)
+        log = logger.error if before_ready else logger.warning
+        log("worker process index=%d %s; restarting in %.2f s under the same names", slot.index, what, delay,
+            exc_info=exc_info)
+        slot.timer = asyncio.get_running_loop().call_later(delay, self._start, slot)
 
     # -- stopping -------------------------------------------------------------------------------------------
 
@@ -202,28 +245,33 @@ class Supervisor:
             return
         self._stopping = True
         notify_systemd("STOPPING=1")
-        alive = [slot for slot in self.slots if slot.alive]
+        for slot in self.slots:
+            if slot.timer is not None:  # a pending restart: nothing more is started once stopping
+                slot.timer.cancel()
+                slot.timer = None
+        alive = self._running()
         logger.info("stopping: draining %d worker processes (grace %.0f s)", len(alive),
                     self.settings.shutdown_grace_s)
-        for slot in alive:
-            slot.process.terminate()
+        for _, process in alive:
+            process.terminate()
         if not alive:
             self._finish(ExitCode.OK)
             return
         asyncio.get_running_loop().call_later(self.settings.shutdown_grace_s + KILL_MARGIN_S, self._kill_all)
 
     def _kill_all(self) -> None:
-        for slot in self.slots:
-            if slot.alive:
-                logger.warning("worker process index=%d did not drain in time; killing it", slot.index)
-                slot.process.kill()
+        for slot, process in self._running():
+            logger.warning("worker process index=%d did not drain in time; killing it", slot.index)
+            process.kill()
 
     def _leave_now(self) -> None:
-        for slot in self.slots:
-            if slot.alive:
-                slot.process.terminate()  # the child's second signal: it leaves at once
+        for _, process in self._running():
+            process.terminate()  # the child's second signal: it leaves at once
         if self._done is not None and not self._done.done():
             self._done.set_result(ExitCode.INTERRUPTED)
+
+    def _running(self) -> list[tuple[Slot, SpawnProcess]]:
+        return [(slot, slot.process) for slot in self.slots if slot.process is not None and slot.alive]
 
     def _finish(self, code: int) -> None:
         if self._done is not None and not self._done.done():
@@ -235,11 +283,15 @@ class Supervisor:
     # -- health ---------------------------------------------------------------------------------------------
 
     def healthy(self) -> tuple[bool, str]:
-        """Every child alive and its loop reporting; the reason when not."""
+        """Every child alive, ready and its loop reporting; the reason when not."""
         now = time.monotonic()
         for slot in self.slots:
+            if slot.down is not None:
+                return False, f"worker process {slot.index} is restarting (not ready): {slot.down}"
             if not slot.alive:
                 return False, f"worker process {slot.index} is not running"
+            if not slot.ready:
+                return False, f"worker process {slot.index} is starting (not ready yet)"
             if now - slot.last_beat > STALE_AFTER_S:
                 return False, f"worker process {slot.index} has not reported for {now - slot.last_beat:.0f} s"
         return True, "ok"
@@ -275,35 +327,42 @@ async def preflight(app: App, settings: Settings) -> None:
         await streams.aclose()
 
 
-def _own_manager() -> None:
-    """Start aiomultiprocess's manager process ourselves, with the parent-death signal set, so that even a
-    SIGKILLed supervisor leaves no process behind (the library's own would outlive it)."""
-    if aiomultiprocess.core._manager is None:
-        sync = SyncManager(ctx=aiomultiprocess.core.get_context())
-        sync.start(initializer=_manager_init)
-        aiomultiprocess.core._manager = sync
+def start_worker_process(app_ref: str, settings: Settings, index: int,
+                         names: list[str]) -> tuple[SpawnProcess, Connection]:
+    """Spawn worker process `index` for `names`: (the process, the read end of its report pipe)."""
+    receiver, sender = _SPAWN.Pipe(duplex=False)
+    try:
+        process = _SPAWN.Process(target=_child_main, name=f"fw-worker-{index}",
+                                 args=(app_ref, settings, index, names, sender, os.getpid()))
+        process.start()
+    except BaseException:
+        receiver.close()
+        raise
+    finally:
+        sender.close()
+    return process, receiver
 
 
-def _manager_init() -> None:
-    die_with_parent(signal.SIGKILL)
-    set_process_name("fw-manager")
-
-
-def _child_init(settings: Settings, index: int) -> None:
-    """Runs first in every worker process: die with the supervisor, leave Ctrl-C to it, log like it."""
-    die_with_parent(signal.SIGTERM)  # drain, like a normal stop
-    set_process_name(f"fw-worker-{index}")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logs.configure(settings.log_level, settings.log_format)
-
-
-def _child_main(unit: Any) -> None:
-    """aiomultiprocess process target: run the coroutine, then exit with the code it returned.
+def _child_main(app_ref: str, settings: Settings, index: int, names: list[str], conn: Connection,
+                parent_pid: int) -> None:
+    """The target of every worker process: die with the supervisor, leave Ctrl-C to it, log like it, run the
+    worker on uvloop, then exit with the code it returned.
 
     Exits with os._exit: the interpreter's normal exit joins the handler thread pool, and a sync handler stuck past
     its timeout would keep the process alive after its drain (its entries are pending, nothing is lost).
     """
-    code = aiomultiprocess.Process.run_async(unit)
+    die_with_parent(signal.SIGTERM)  # drain, like a normal stop
+    set_process_name(f"fw-worker-{index}")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logs.configure(settings.log_level, settings.log_format)
+    code: int = ExitCode.FAILURE
+    try:
+        if os.getppid() == parent_pid:  # else the supervisor died before the parent-death signal was set
+            code = uvloop.run(worker_process(app_ref, settings, names, conn, parent_pid))
+        else:
+            code = ExitCode.OK
+    except BaseException:
+        logger.exception("worker process %d failed", os.getpid())
     logging.shutdown()
     os._exit(code)
 

@@ -108,6 +108,37 @@ def children(pid: int, name: str = "fw-worker-") -> list[int]:
     return [pid for _, pid in sorted(found)]
 
 
+def tree(pid: int) -> list[tuple[str, int, str]]:
+    """(name, pid, command line) of every live child of `pid`, sorted by name."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            comm, rest = stat.split("(", 1)[1].rsplit(")", 1)
+            fields = rest.split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append((comm, int(entry.name), cmdline))
+    return sorted(found)
+
+
+def helpers(pid: int) -> list[int]:
+    """Children of `pid` that are not worker processes."""
+    return [child for name, child, _ in tree(pid) if not name.startswith("fw-worker-")]
+
+
+def working(fleet: Fleet, exclude: list[int]) -> int | None:
+    """A worker process that has handled a job (so it was ready), other than `exclude`."""
+    for pid in fleet.workers():
+        path = fleet.calls_dir / f"calls-{pid}.txt"
+        if pid not in exclude and path.exists() and path.stat().st_size > 0:
+            return pid
+    return None
+
+
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -184,15 +215,67 @@ def test_fleet_workers_leave_when_the_supervisor_is_sigkilled(fleet: Fleet) -> N
     fleet.start("--processes", "2")
     fleet.wait(lambda: len(fleet.workers()) >= 2, what="workers")
     assert fleet.process is not None
-    workers = fleet.workers() + children(fleet.process.pid, "fw-manager")
-    assert len(workers) == 3
-    assert fleet.process is not None
+    left = fleet.workers() + helpers(fleet.process.pid)
+    assert len(left) == 3  # two workers and the resource tracker
     fleet.process.kill()
     fleet.process.wait()
     deadline = time.monotonic() + 10
-    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+    while any(alive(pid) for pid in left) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert [pid for pid in workers if alive(pid)] == []
+    assert [pid for pid in left if alive(pid)] == []
+
+
+def test_fleet_sigkills_of_working_workers_are_not_a_crash_loop(fleet: Fleet) -> None:
+    n, kills, batch = 8_000, 6, 50
+    fleet.publish(n)
+    fleet.env["FLEET_DELAY_S"] = "0.002"  # about 2 ms a job, one at a time: the kills land while they work
+    fleet.start("--processes", "2", "--batch-size", str(batch), "--concurrency", "1",
+                "--crash-loop-restarts", "5", "--crash-loop-window-s", "60")
+    killed: list[int] = []
+    first = 0.0
+    for _ in range(kills):
+        fleet.wait(lambda: working(fleet, killed) is not None, what="a worker that has handled a job")
+        victim = working(fleet, killed)
+        assert victim is not None
+        assert len(fleet.calls()) < n  # still working
+        os.kill(victim, signal.SIGKILL)
+        killed.append(victim)
+        first = first or time.monotonic()
+    assert time.monotonic() - first < 60  # all within the crash loop window: before, the 5th one gave exit 7
+    fleet.wait(lambda: len(fleet.calls()) == n and fleet.pending() == 0, timeout_s=120, what="every job handled")
+    assert fleet.stop() == ExitCode.OK
+    results = {fields[b"data"] for _, fields in fleet.client.xrange(fleet.results)}
+    assert n - len(results) == 0  # lost
+    assert n - len(fleet.calls()) == 0
+    output = fleet.output()
+    assert output.count("killed by SIGKILL after it was ready") == kills
+    assert "crash loop" not in output
+
+
+def test_fleet_needs_no_helper_process_to_restart_workers(fleet: Fleet) -> None:
+    n = 6_000
+    fleet.publish(n)
+    fleet.env["FLEET_DELAY_S"] = "0.002"
+    fleet.start("--processes", "2", "--batch-size", "50", "--concurrency", "1")
+    fleet.wait(lambda: len(fleet.workers()) >= 2, what="two workers")
+    assert fleet.process is not None
+    processes = tree(fleet.process.pid)
+    assert [name for name, _, _ in processes if name.startswith("fw-")] == ["fw-worker-0", "fw-worker-1"]
+    others = [cmdline for name, _, cmdline in processes if not name.startswith("fw-")]
+    assert len(others) == 1  # no manager: the standard library's resource tracker, relaunched on demand
+    assert "from multiprocessing.resource_tracker import main" in others[0]
+    # Kill the one helper there is, then a working worker: the worker is replaced and the work goes on.
+    (tracker,) = helpers(fleet.process.pid)
+    os.kill(tracker, signal.SIGKILL)
+    fleet.wait(lambda: not alive(tracker), what="the resource tracker gone")
+    fleet.wait(lambda: working(fleet, []) is not None, what="a worker that has handled a job")
+    victim, before = working(fleet, []), fleet.workers()
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    fleet.wait(lambda: working(fleet, before) is not None, what="a replacement worker handling jobs")
+    fleet.wait(lambda: len(fleet.calls()) == n and fleet.pending() == 0, timeout_s=120, what="every job handled")
+    assert fleet.stop() == ExitCode.OK
+    assert "killed by SIGKILL after it was ready" in fleet.output()
 
 
 def test_fleet_crash_loop_exits_with_its_code(fleet: Fleet) -> None:
