@@ -22,6 +22,7 @@ class ExitCode(enum.IntEnum):
     REDIS_AUTH = 6
     CRASH_LOOP = 7
     UNHEALTHY = 8
+    TLS = 9  # the server's TLS certificate was not trusted, or names another host: pass its CA, retrying won't help
     INTERRUPTED = 130  # second signal: left at once, the PEL keeps the rest
 
 
@@ -47,6 +48,26 @@ class RedisUnavailable(FastworkerError):
     """The server cannot be reached (refused, timed out, connection lost)."""
 
     exit_code = ExitCode.REDIS_UNREACHABLE
+
+
+class RedisTLSError(RedisUnavailable):
+    """The server's TLS certificate does not verify (unknown CA, expired, or issued for another host name).
+
+    A `RedisUnavailable`, so that running loops ride it out like an outage (a certificate rotated under a running
+    fleet); at start-up it is its own exit code, since retrying cannot fix it.
+    """
+
+    exit_code = ExitCode.TLS
+
+    @classmethod
+    def from_verification(cls, verify_message: str, hostname_mismatch: bool, where: str = "") -> RedisTLSError:
+        """The one line for a failed certificate check, with what to do about it."""
+        if hostname_mismatch:
+            return cls(f"the server's TLS certificate is not valid for the host name we connected to{where}: "
+                       f"{verify_message}; connect by a name the certificate lists (see README 'TLS')")
+        return cls(f"the server's TLS certificate is not trusted{where}: {verify_message}; pass the CA that signed "
+                   "it: rediss://HOST:PORT/DB?ssl_ca_certs=/path/ca.pem, or REDIS_TLS_CA=/path/ca.pem in the "
+                   "environment (see README 'TLS')")
 
 
 class RedisAuthError(FastworkerError):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -36,6 +37,7 @@ from fastworker.errors import (
     NoGroupError,
     RedisAuthError,
     RedisCommandError,
+    RedisTLSError,
     RedisUnavailable,
     SettleRefused,
 )
@@ -47,15 +49,31 @@ logger = logging.getLogger(__name__)
 DEAD_FIELD_PREFIX = "fw:"
 
 
+X509_V_ERR_HOSTNAME_MISMATCH = 62  # OpenSSL's verify code for a certificate issued for another host name
+
+
+def _cert_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The failed certificate check `exc` is, or was raised from (redis-py wraps it in its ConnectionError)."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # chains are short; a bound guards against cycles
+        if seen is None or isinstance(seen, ssl.SSLCertVerificationError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def translate(exc: BaseException, url: str = "") -> FastworkerError:
     """The fastworker error for a redis-py (or socket) error."""
     where = f" ({redact_url(url)})" if url else ""
     if isinstance(exc, FastworkerError):
         return exc
-    if isinstance(exc, rex.AuthenticationError | rex.AuthorizationError | rex.NoPermissionError):
+    if isinstance(exc, rex.AuthenticationError | rex.AuthorizationError | rex.NoPermissionError) or (
+            isinstance(exc, rex.ResponseError) and str(exc).startswith(("NOAUTH", "WRONGPASS", "NOPERM"))):
         return RedisAuthError(f"the server refused our credentials{where}: {exc}")
-    if isinstance(exc, rex.ResponseError) and str(exc).startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
-        return RedisAuthError(f"the server refused our credentials{where}: {exc}")
+    cert_error = _cert_error(exc)
+    if cert_error is not None:
+        return RedisTLSError.from_verification(cert_error.verify_message or str(cert_error),
+                                               cert_error.verify_code == X509_V_ERR_HOSTNAME_MISMATCH, where)
     if isinstance(exc, rex.BusyLoadingError | rex.ConnectionError | rex.TimeoutError | OSError):
         return RedisUnavailable(f"cannot reach the server{where}: {exc}")
     if isinstance(exc, rex.ResponseError) and str(exc).startswith("NOGROUP"):
