@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from fastworker.app import Handler
 from fastworker.config import Settings
@@ -131,7 +131,8 @@ class Consumer:
         if not batch:
             return None
         self.stats.received(self.group, {stream: len(messages) for stream, messages in batch.items()})
-        with KeepClaimed(self.streams, self.group, self.name, batch, self.settings.claim_idle_ms):
+        with KeepClaimed(self.streams, self.group, self.name, lambda: ids_by_stream(batch),
+                         self.settings.claim_idle_ms):
             return await self.dispatcher.dispatch(self.group, self.handlers, batch)
 
     def _settled(self, settlement: Settlement | None) -> None:
@@ -148,7 +149,8 @@ class Consumer:
     async def _settle_refused(self, settlement: Settlement | None, error: SettleRefused) -> None:
         assert settlement is not None
         try:
-            await resend_refused(self.channel, settlement, error, self._refused, self._outage, self.stopping)
+            with KeepClaimed(self.streams, self.group, self.name, settlement.unwritten, self.settings.claim_idle_ms):
+                await resend_refused(self.channel, settlement, error, self._refused, self._outage, self.stopping)
         finally:
             self._settled(settlement)
             self._reread_own_pending()  # the read sent with the refused settlement delivered entries
@@ -255,12 +257,12 @@ class KeepClaimed:
     crash at all. Costs nothing for batches shorter than half the claim idle time (one timer, cancelled).
     """
 
-    def __init__(self, streams: Streams, group: str, consumer: str, batch: Mapping[str, list[Message]],
-                 claim_idle_ms: int) -> None:
+    def __init__(self, streams: Streams, group: str, consumer: str,
+                 ids: Callable[[], Mapping[str, Sequence[str | bytes]]], claim_idle_ms: int) -> None:
         self.streams = streams
         self.group = group
         self.consumer = consumer
-        self.batch = batch
+        self.ids = ids  # asked each time: what is still to keep
         self.every_s = claim_idle_ms / 2000
         self.timer: asyncio.TimerHandle | None = None
         self.refresh: asyncio.Task[None] | None = None
@@ -282,12 +284,16 @@ class KeepClaimed:
 
     async def _refresh(self) -> None:
         try:
-            await self.streams.keep_claimed(self.group, self.consumer, self.batch)
+            await self.streams.keep_claimed(self.group, self.consumer, self.ids())
         except FastworkerError as exc:  # the server is away: the consumer's own loop will say so
             logger.debug("could not refresh a long batch's idle time: %s", exc)
         finally:
             if not self.done:
                 self.timer = asyncio.get_running_loop().call_later(self.every_s, self._due)
+
+
+def ids_by_stream(batch: Mapping[str, list[Message]]) -> dict[str, list[str | bytes]]:
+    return {stream: [message.raw_id for message in messages] for stream, messages in batch.items()}
 
 
 def _id(entry: RawEntry) -> str:

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 
 from fastworker.app import Handler
 from fastworker.config import Settings
-from fastworker.consumer import REFUSED_BACKOFF_CAP_S, KeepClaimed, Outage, resend_refused
+from fastworker.consumer import REFUSED_BACKOFF_CAP_S, KeepClaimed, Outage, ids_by_stream, resend_refused
 from fastworker.dispatch import Dispatcher
 from fastworker.errors import FastworkerError, SettleRefused
 from fastworker.message import decode_entries, text
@@ -103,7 +103,8 @@ class Reclaimer:
                         group, self.claimer)
             self.stats.received(group, {stream: len(messages)}, claimed=True)
             batch = {stream: messages}
-            with KeepClaimed(self.streams, group, self.claimer, batch, self.settings.claim_idle_ms):
+            with KeepClaimed(self.streams, group, self.claimer, lambda: ids_by_stream(batch),
+                             self.settings.claim_idle_ms):
                 settlement = await self.dispatcher.dispatch(group, {stream: handler}, batch)
         missing = set(map(text, wanted)) - {text(entry[0]) for entry in entries}
         if missing:
@@ -125,6 +126,8 @@ class Reclaimer:
         try:
             await self.channel.settle(settlement)
         except SettleRefused as exc:
-            await resend_refused(self.channel, settlement, exc, self._refused, self._outage, self.stopping)
+            with KeepClaimed(self.streams, settlement.group, self.claimer, settlement.unwritten,
+                             self.settings.claim_idle_ms):
+                await resend_refused(self.channel, settlement, exc, self._refused, self._outage, self.stopping)
         finally:
             self.stats.settled(settlement)

@@ -119,14 +119,14 @@ class Record:
 class Step:
     """Commands that are written together or not at all, and what their reply confirms."""
 
-    __slots__ = ("commands", "done", "kind", "records", "size", "stream")
+    __slots__ = ("commands", "done", "ids", "kind", "records", "stream")
 
-    def __init__(self, kind: str, commands: list[Command], stream: str = "", size: int = 0,
+    def __init__(self, kind: str, commands: list[Command], stream: str = "", ids: Sequence[str | bytes] = (),
                  records: Sequence[Record] = ()) -> None:
         self.kind = kind  # ack | deleted | retry | script | large
         self.commands = commands
         self.stream = stream
-        self.size = size  # entries an ack, deleted or retry step covers
+        self.ids = ids  # the entries an ack, deleted or retry step covers
         self.records = records
         self.done = False
 
@@ -201,6 +201,18 @@ class Settlement:
         """Every step written and confirmed."""
         return self._steps is not None and all(step.done for step in self._steps)
 
+    def unwritten(self) -> dict[str, list[str | bytes]]:
+        """The entries of the steps not yet confirmed, by stream (to keep them claimed while a refused step waits)."""
+        ids: dict[str, list[str | bytes]] = {}
+        for step in self._steps if self._steps is not None else self._plan():
+            if step.done:
+                continue
+            for record in step.records:
+                ids.setdefault(record.stream, []).append(record.entry_id)
+            if step.ids:
+                ids.setdefault(step.stream, []).extend(step.ids)
+        return ids
+
     def commands(self) -> list[Command]:
         """The commands of every step not yet confirmed, in order."""
         if self._steps is None:
@@ -233,9 +245,9 @@ class Settlement:
         if step.kind == "ack":
             _add(self.acked_by_stream, step.stream, int(reply))
         elif step.kind == "deleted":
-            _add(self.deleted_by_stream, step.stream, step.size)
+            _add(self.deleted_by_stream, step.stream, len(step.ids))
         elif step.kind == "retry":
-            _add(self.retried_by_stream, step.stream, step.size)
+            _add(self.retried_by_stream, step.stream, len(step.ids))
         else:
             flags = reply if step.kind == "script" else [reply[-1]]
             for record, flag in zip(step.records, flags, strict=True):
@@ -246,11 +258,11 @@ class Settlement:
 
     def _plan(self) -> list[Step]:
         group = self.group
-        steps = [Step("ack", [("XACK", stream, group, *ids)], stream, len(ids))
+        steps = [Step("ack", [("XACK", stream, group, *ids)], stream, ids)
                  for stream, ids in self.acks.items() if ids]
-        steps += [Step("deleted", [("XACK", stream, group, *ids)], stream, len(ids))
+        steps += [Step("deleted", [("XACK", stream, group, *ids)], stream, ids)
                   for stream, ids in self.forgotten.items() if ids]
-        steps += [Step("retry", [("XCLAIM", stream, group, RETRY_CONSUMER, 0, *ids, "JUSTID")], stream, len(ids))
+        steps += [Step("retry", [("XCLAIM", stream, group, RETRY_CONSUMER, 0, *ids, "JUSTID")], stream, ids)
                   for stream, ids in self._retries.items() if ids]
         small = [record for record in self.records if not record.large]
         if small:

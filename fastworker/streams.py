@@ -41,7 +41,7 @@ from fastworker.errors import (
     RedisUnavailable,
     SettleRefused,
 )
-from fastworker.message import Message, RawEntry, text
+from fastworker.message import RawEntry, text
 from fastworker.settlement import Command, Settlement
 
 logger = logging.getLogger(__name__)
@@ -353,13 +353,14 @@ class Streams:
                         raise
         return created
 
-    async def keep_claimed(self, group: str, consumer: str, batch: Mapping[str, Sequence[Message]]) -> None:
-        """Reset the idle time of a batch still being handled (XCLAIM ... JUSTID to its own consumer, which does
-        not count a delivery), so that no reclaimer takes live work while the batch's later entries wait."""
+    async def keep_claimed(self, group: str, consumer: str, ids: Mapping[str, Sequence[str | bytes]]) -> None:
+        """Reset the idle time of entries still being handled or settled (XCLAIM ... JUSTID to their own consumer,
+        which does not count a delivery), so that no reclaimer takes live work."""
         with translated(self.url):
             async with self.redis.pipeline(transaction=False) as pipe:
-                for stream, messages in batch.items():
-                    pipe.xclaim(stream, group, consumer, 0, [message.raw_id for message in messages], justid=True)
+                for stream, entry_ids in ids.items():
+                    if entry_ids:
+                        pipe.xclaim(stream, group, consumer, 0, list(entry_ids), justid=True)
                 await pipe.execute()
 
     async def done_marks(self, keys: Sequence[str]) -> list[bytes | None]:
