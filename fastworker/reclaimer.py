@@ -9,7 +9,8 @@ whose history re-read would pick them up while they are being handled here. Ther
 - orphans: entries pending on any other consumer, with no verdict: their worker died or hung while handling them.
   They are claimed and handled one at a time, each settled before the next is claimed, so an orphan that kills its
   worker is alone when it does and charges nobody else (it is dead-lettered as KilledWorker once past
-  max_deliveries, without being run again).
+  max_deliveries, without being run again). At start, the entries still pending on the reclaimer's own name (its
+  predecessor under that name died with them) are orphans too, recovered at once.
 Claimed entries take the consumer's dispatch path, with delivery counts from the PEL. Ids deleted from the stream
 while pending are acknowledged and counted as deleted.
 """
@@ -52,9 +53,13 @@ class Reclaimer:
 
     async def run(self) -> None:
         interval = self.settings.claim_interval_ms / 1000
+        recovered = False
         try:
             while not self.stopping.is_set():
                 try:
+                    if not recovered:  # first what a predecessor under our name left, then the regular sweep
+                        await self.recover_own()
+                        recovered = True
                     await self.sweep()
                     self._outage.recovered()
                 except FastworkerError as exc:
@@ -76,6 +81,17 @@ class Reclaimer:
                 claimed += await self._sweep_stream(group, stream, handler)
         return claimed
 
+    async def recover_own(self) -> int:
+        """Handle, one at a time, the entries pending on this reclaimer's own name from before it started."""
+        claimed = 0
+        for group, handlers in self.groups.items():
+            for stream, handler in handlers.items():
+                rows = await self.channel.pending_idle(stream, group, 0, "-", self.settings.batch_size, self.claimer)
+                for entry_id, _, deliveries in rows:
+                    if not self.stopping.is_set():
+                        claimed += await self._claim(group, stream, handler, {entry_id: deliveries}, 0)
+        return claimed
+
     async def _sweep_stream(self, group: str, stream: str, handler: Handler) -> int:
         start, claimed = "-", 0
         page = self.settings.batch_size
@@ -92,9 +108,11 @@ class Reclaimer:
             start = "(" + text(rows[-1][0])
         return claimed
 
-    async def _claim(self, group: str, stream: str, handler: Handler, wanted: dict[bytes, int]) -> int:
+    async def _claim(self, group: str, stream: str, handler: Handler, wanted: dict[bytes, int],
+                     min_idle_ms: int | None = None) -> int:
         """Claim `wanted` (raw id -> deliveries so far), handle what was claimed, and settle it."""
-        entries = await self.channel.claim(stream, group, self.claimer, self.settings.claim_idle_ms, list(wanted))
+        idle = self.settings.claim_idle_ms if min_idle_ms is None else min_idle_ms
+        entries = await self.channel.claim(stream, group, self.claimer, idle, list(wanted))
         settlement = Settlement(group)
         if entries:
             counts = {text(entry[0]): wanted.get(entry[0], 0) + 1 for entry in entries}

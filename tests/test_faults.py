@@ -345,3 +345,25 @@ async def test_acked_counts_only_what_the_server_confirmed(server: EmbeddedServe
         await wait_for(lambda: _true(worker.stats.total("received") >= n), what="counters")
     assert await rc.xlen(results) == n  # exactly once
     assert worker.stats.total("acked") <= n  # an ack whose reply was cut is not counted
+
+
+async def test_reclaimer_recovers_its_own_pending_entries_at_start_one_at_a_time(
+        server: EmbeddedServer, rc: aioredis.Redis, uid: str) -> None:
+    # A retry batch claimed by a reclaimer whose process then died: the next reclaimer under that name recovers
+    # them at once (not after claim idle), alone.
+    stream, group = f"{uid}:jobs", f"{uid}-g"
+    await publish(rc, stream, [{"n": i} for i in range(5)])
+    await rc.xgroup_create(stream, group, id="0")
+    await rc.xreadgroup(group, f"{uid}-0.claim", {stream: ">"}, count=5)
+    in_flight: list[int] = []
+    app = App()
+
+    @app.handler(stream, group=group)
+    async def handle(msg: Message) -> None:
+        summary = await rc.xpending(stream, group)
+        in_flight.append({c["name"].decode(): c["pending"] for c in summary["consumers"]}[f"{uid}-0.claim"])
+
+    async with RunningWorker(app, make_settings(server, uid, claim_idle_ms=60_000, handler_timeout_s=1.0)):
+        await wait_for(lambda: _true(len(in_flight) == 5), what="the five recovered")
+        await wait_for(lambda: _pending_is(rc, stream, group, 0), what="empty PEL")
+    assert in_flight == [5, 4, 3, 2, 1]  # each settled before the next was handled
