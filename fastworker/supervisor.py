@@ -46,6 +46,7 @@ from fastworker.app import App, load_app
 from fastworker.config import Settings
 from fastworker.errors import CrashLoop, ExitCode, FastworkerError
 from fastworker.monitor import Monitor
+from fastworker.permissions import check_permissions
 from fastworker.policy import backoff_s, shard
 from fastworker.proc import describe_exit, die_with_parent, set_process_name
 from fastworker.streams import Streams
@@ -320,6 +321,7 @@ async def preflight(app: App, settings: Settings) -> None:
     streams = Streams(settings)
     try:
         await streams.ping()
+        await check_permissions(streams.redis, app, settings)  # RedisAuthError naming what the ACL denies
         pairs = [(handler.stream, handler.group) for handler in app.handlers]
         for stream, group in await streams.ensure_groups(pairs, settings.group_start_id):
             logger.info("created group %s on stream %s at id %s", group, stream, settings.group_start_id)

@@ -22,6 +22,7 @@ from fastworker.config import Settings
 from fastworker.consumer import Consumer, Outage
 from fastworker.dispatch import Dispatcher
 from fastworker.errors import ExitCode, RedisAuthError, RedisUnavailable
+from fastworker.permissions import check_permissions
 from fastworker.reclaimer import Reclaimer
 from fastworker.stats import Stats
 from fastworker.streams import Streams
@@ -73,6 +74,7 @@ class Worker:
 
     async def _start(self, streams: Streams, dispatcher: Dispatcher) -> None:
         await streams.ping()
+        await check_permissions(streams.redis, self.app, self.settings, monitor=False)
         groups = self.app.groups()
         pairs = [(stream, group) for group, handlers in groups.items() for stream in handlers]
         created = await streams.ensure_groups(pairs, self.settings.group_start_id)
