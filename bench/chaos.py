@@ -90,18 +90,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+MIN_GAP_S = 0.5  # between the end of one fault and the start of the next
+
+
 def fault_plan(args: argparse.Namespace) -> tuple[float, list[tuple[float, str]]]:
     """(the publishing rate, the faults as (seconds after the start, kind) in time order).
 
-    Faults run one at a time; the rate is lowered so that the publishing window is at least twice what the faults
-    themselves take, so most of them land while jobs are flowing.
+    Faults run one at a time, in random order, separated by random gaps (at least MIN_GAP_S) within 5% to 90% of
+    the publishing window, so they never pile up behind a long one. The rate is lowered when needed so that the
+    window is at least twice what the faults themselves take: most of them land while jobs are flowing.
     """
     counts = {"worker_kill": args.worker_kills, "manager_kill": args.manager_kills,
               "server_kill": args.server_kills, "pause": args.pauses, "cut": args.cuts, "delay": args.delays}
-    busy_s = args.pauses * args.pause_s + args.delays * args.delay_s + args.server_kills * 2 + args.worker_kills * 0.5
-    window_s = max(args.jobs / args.rate, 2 * busy_s, 5.0)
+    lasts = {"worker_kill": 0.1, "manager_kill": 0.1, "server_kill": 1.0, "pause": args.pause_s, "cut": 0.1,
+             "delay": args.delay_s}  # about how long each takes, the server's restart included
     rng = random.Random(args.seed)
-    plan = sorted((rng.uniform(0.05, 0.9) * window_s, kind) for kind, count in counts.items() for _ in range(count))
+    kinds = [kind for kind, count in counts.items() for _ in range(count)]
+    rng.shuffle(kinds)
+    busy_s = sum(lasts[kind] + MIN_GAP_S for kind in kinds)
+    window_s = max(args.jobs / args.rate, 2 * busy_s, 5.0)
+    gaps = sorted(rng.uniform(0, 0.85 * window_s - busy_s) for _ in kinds)
+    plan, spent = [], 0.05 * window_s
+    for kind, gap in zip(kinds, gaps, strict=True):
+        plan.append((spent + gap, kind))
+        spent += lasts[kind] + MIN_GAP_S
     return args.jobs / window_s, plan
 
 
@@ -256,6 +268,40 @@ async def pending(client: aioredis.Redis) -> int:
     return total
 
 
+def entry_key(entry_id: bytes | str) -> tuple[int, int]:
+    ms, seq = (entry_id.decode() if isinstance(entry_id, bytes) else entry_id).split("-")
+    return int(ms), int(seq)
+
+
+async def classify(client: aioredis.Redis, jobs: Jobs, lost: list[int]) -> Counter[str]:
+    """Where the jobs without an output are: not delivered yet, pending, missing from their stream (the server
+    lost the XADD), or acknowledged without an output (lost by the fleet: the one the contract forbids)."""
+    kinds: Counter[str] = Counter()
+    delivered: dict[str, tuple[int, int]] = {}
+    pending_ids: set[str] = set()
+    for stream, group in zip(STREAMS, GROUPS, strict=True):
+        info: Any = await client.xinfo_groups(stream)
+        last = next((g["last-delivered-id"] for g in info if g["name"].decode() == group), b"0-0")
+        delivered[stream] = entry_key(last)
+        summary: Any = await client.xpending(stream, group)
+        if summary["pending"]:
+            rows: Any = await client.xpending_range(stream, group, "-", "+", summary["pending"])
+            pending_ids.update(row["message_id"].decode() for row in rows)
+    for start in range(0, len(lost), 1000):
+        chunk = lost[start:start + 1000]
+        async with client.pipeline(transaction=False) as pipe:
+            for i in chunk:
+                pipe.xrange(jobs.stream_of(i), jobs.entry_id(i), jobs.entry_id(i))
+            found = await pipe.execute()
+        for i, entries in zip(chunk, found, strict=True):
+            entry_id = jobs.entry_id(i)
+            kinds["missing from its stream" if not entries else
+                  "pending" if entry_id in pending_ids else
+                  "not delivered yet" if entry_key(entry_id) > delivered[jobs.stream_of(i)] else
+                  "acked without an output"] += 1
+    return kinds
+
+
 def handler_calls(calls_dir: Path, n: int) -> tuple[int, int]:
     """(handler calls in all, jobs called at least once), from every worker process's call file."""
     called = bytearray(n)
@@ -391,6 +437,7 @@ class Chaos:
         os.kill(victim, signal.SIGKILL)
         self.log.done["worker_kill"] += 1
         self.note(f"SIGKILL worker pid={victim}")
+        await until(lambda: victim not in self.fleet.workers(), 5)  # so that the next kill cannot pick it again
         self.watchers.append(asyncio.create_task(self._watch_restart(victim, slot, time.monotonic())))
 
     async def _watch_restart(self, victim: int, slot: int, killed: float) -> None:
@@ -398,7 +445,7 @@ class Chaos:
             workers = self.fleet.workers()
             return len(workers) == self.args.processes and victim not in workers
 
-        if await until(replaced, 60):
+        if await until(lambda: replaced() or not self.fleet.alive(), 60) and self.fleet.alive():
             self.log.restart_s.append(time.monotonic() - killed)
         else:
             self.log.not_restarted += 1
@@ -472,6 +519,7 @@ class Outcome:
     dead_letters: int = 0
     lost: int = 0
     lost_sample: list[int] = field(default_factory=list)
+    lost_kinds: Counter[str] = field(default_factory=Counter)  # where the lost jobs are: see classify()
     duplicates: int = 0
     calls: int = 0
     reruns: int = 0
@@ -529,7 +577,7 @@ async def _run(args: argparse.Namespace, server: EmbeddedServer, proxy: ProxyPro
         outcome.exit_code = fleet.stop(90) if fleet.alive() else None
         outcome.fleet_died = fleet.died
     outcome.sent, outcome.server_lost, outcome.publish_outages = jobs.n, publisher.server_lost, publisher.outages
-    await _count(client, outcome, fleet, args.jobs)
+    await _count(client, outcome, fleet, jobs)
     await client.aclose()
     return outcome, chaos.log
 
@@ -568,15 +616,17 @@ async def _drain(client: aioredis.Redis, ledger: Ledger, fleet: Fleet, publisher
         await asyncio.sleep(0.2)
 
 
-async def _count(client: aioredis.Redis, outcome: Outcome, fleet: Fleet, n: int) -> None:
+async def _count(client: aioredis.Redis, outcome: Outcome, fleet: Fleet, jobs: Jobs) -> None:
     """The authoritative count, from scratch, once the fleet has stopped."""
     deadline = time.monotonic() + 60
+    n = jobs.n
     ledger = Ledger(n)
     await retrying(lambda: ledger.read(client), deadline)
     outcome.results = sum(1 for count in ledger.results if count)
     outcome.dead_letters = sum(1 for count in ledger.dead if count)
     lost = ledger.lost()
     outcome.lost, outcome.lost_sample = len(lost), lost[:5]
+    outcome.lost_kinds = await retrying(lambda: classify(client, jobs, lost), deadline)
     outcome.duplicates = ledger.duplicates()
     outcome.pending = await retrying(lambda: pending(client), deadline)
     calls, called = handler_calls(fleet.calls_dir, n)
@@ -599,6 +649,7 @@ def rerun_bound(args: argparse.Namespace, faults: FaultLog) -> tuple[int, str]:
 def table(args: argparse.Namespace, outcome: Outcome, faults: FaultLog, proxy: dict[str, int]) -> list[tuple[str, ...]]:
     """(measure, value, target, held) rows; held is '' for facts without a target."""
     bound, bound_text = rerun_bound(args, faults)
+    where = ", ".join(f"{count:,} {kind}" for kind, count in outcome.lost_kinds.most_common())
     alive = outcome.fleet_died is None
     died = "" if outcome.fleet_died is None else \
         f"no: exited with {outcome.fleet_died[1]} after {outcome.fleet_died[0]:.1f} s"
@@ -609,7 +660,7 @@ def table(args: argparse.Namespace, outcome: Outcome, faults: FaultLog, proxy: d
         ("entries sent", f"{outcome.sent:,}", "", ""),
         ("results", f"{outcome.results:,}", "", ""),
         ("dead letters (poison jobs)", f"{outcome.dead_letters:,}", f"{round(args.jobs * args.poison_rate):,}", ""),
-        ("lost", f"{outcome.lost:,}", "0", yes(outcome.lost == 0)),
+        ("lost", f"{outcome.lost:,}" + (f" ({where})" if where else ""), "0", yes(outcome.lost == 0)),
         ("duplicate results", f"{outcome.duplicates:,}", "0", yes(outcome.duplicates == 0)),
         ("handler re-runs", f"{outcome.reruns:,} of {outcome.calls:,} calls", bound_text,
          yes(outcome.reruns <= bound)),
