@@ -715,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         with EmbeddedServer() as probe:
             info = versions(probe.version())
-        for key in ("machine", "python", "server", "fastworker", "redis", "hiredis", "uvloop", "aiomultiprocess"):
+        for key in ("machine", "python", "server", "fastworker", "redis", "hiredis", "uvloop"):
             print(f"{key}: {info[key]}")
         print(f"fleet: {args.processes} processes, batch {args.batch_size}, through a fault proxy; server AOF "
               f"appendfsync {args.fsync}; work dir {work}", flush=True)

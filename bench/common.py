@@ -88,7 +88,7 @@ def versions(server_version: str) -> dict[str, str]:
         "python": platform.python_version(),
         "server": server_version,
         **{package: version(package) for package in
-           ("fastworker", "redis", "hiredis", "orjson", "uvloop", "aiomultiprocess", "faststream", "taskiq",
+           ("fastworker", "redis", "hiredis", "orjson", "uvloop", "faststream", "taskiq",
             "taskiq-redis")},
     }
 

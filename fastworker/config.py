@@ -4,7 +4,8 @@ Every tunable is a field of `Settings` with its default, its unit in its name, a
 flag (`--batch-size`) and environment fallback (`FASTWORKER_BATCH_SIZE`) are derived from the field name, so a
 field cannot exist without exactly one flag. Precedence: flag > environment > default. The connection also honours
 the app's own variables: `REDIS_URL`, or `REDIS_HOST`, `REDIS_PORT`, `REDIS_PASSWORD`, `REDIS_DB`,
-`REDIS_USERNAME` and `REDIS_TLS`.
+`REDIS_USERNAME` and `REDIS_TLS`, and `REDIS_TLS_CA`: the CA file that signed the server's certificate, added to
+any rediss:// URL (as redis-py's `ssl_ca_certs` query parameter) that does not name one itself.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import os
 import socket
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import parse_qs, quote, urlsplit, urlunsplit
 
 from fastworker.errors import ConfigError
 
 ENV_PREFIX = "FASTWORKER_"
 REDIS_SCHEMES = ("redis", "rediss", "unix")
+TLS_CA_ENV = "REDIS_TLS_CA"  # the CA file of a server with a private CA; read by load_settings()
 # A blocking read must come back before the socket gives up on it: BLOCK plus this much slack.
 SOCKET_TIMEOUT_MARGIN_MS = 1000
 # The timeout watchdog checks every half timeout, so a call is cancelled between 1 and 1.5 timeouts.
@@ -57,7 +59,7 @@ class Settings:
     consumer_prefix: str = _field(help="consumer names are PREFIX-0 .. PREFIX-N (default: host name)",
                                   factory=socket.gethostname)
     gc_threshold: int = _field(20_000, help="worker processes' first GC generation threshold (0: Python's 700)")
-    crash_loop_restarts: int = _field(5, help="worker process deaths within crash_loop_window_s that stop the fleet")
+    crash_loop_restarts: int = _field(5, help="worker deaths before ready (or failed starts) within crash_loop_window_s that stop the fleet")
     crash_loop_window_s: float = _field(60.0, help="window in which crash_loop_restarts deaths mean a crash loop")
     http_port: int = _field(0, help="serve /healthz, /readyz and /metrics on this port (0: off)")
     http_host: str = _field("0.0.0.0", help="address the HTTP endpoints listen on")
@@ -170,6 +172,9 @@ def _url_problem(url: str) -> str | None:
     db = parts.path.lstrip("/")
     if parts.scheme != "unix" and db and not db.isdigit():
         return f"redis_url {redact_url(url)!r}: database must be a number, got {db!r}"
+    for ca_file in parse_qs(parts.query).get("ssl_ca_certs", []):
+        if not os.path.isfile(ca_file):
+            return f"redis_url {redact_url(url)!r}: the CA file ssl_ca_certs={ca_file} does not exist"
     return None
 
 
@@ -208,7 +213,8 @@ def url_from_app_env(environ: Mapping[str, str]) -> str | None:
     host = environ.get("REDIS_HOST") or "localhost"
     port = environ.get("REDIS_PORT") or "6379"
     db = environ.get("REDIS_DB") or "0"
-    scheme = "rediss" if environ.get("REDIS_TLS", "").lower() in ("1", "true", "yes") else "redis"
+    tls = environ.get("REDIS_TLS", "").lower() in ("1", "true", "yes") or environ.get(TLS_CA_ENV)
+    scheme = "rediss" if tls else "redis"
     user = quote(environ.get("REDIS_USERNAME", ""), safe="")
     password = environ.get("REDIS_PASSWORD", "")
     auth = f"{user}:{quote(password, safe='')}@" if password else (f"{user}@" if user else "")
@@ -268,4 +274,20 @@ def load_settings(
     unknown = set(overrides) - {field.name for field in fields()}
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    if environ.get(TLS_CA_ENV):
+        default_url = next(field.default for field in fields() if field.name == "redis_url")
+        values["redis_url"] = with_tls_ca(values.get("redis_url", default_url), environ[TLS_CA_ENV])
+        sources["redis_url"] += f" + env:{TLS_CA_ENV}"
     return Settings(**values), sources
+
+
+def with_tls_ca(url: str, ca_file: str) -> str:
+    """`url` with `ca_file` as the CA its TLS connection trusts, unless the URL names a CA file itself."""
+    parts = urlsplit(url)
+    if parts.scheme != "rediss":
+        raise ConfigError(f"{TLS_CA_ENV} is set, but redis_url {redact_url(url)!r} does not use TLS: use rediss://, "
+                          f"or REDIS_TLS=true with REDIS_HOST")
+    if "ssl_ca_certs" in parse_qs(parts.query):
+        return url
+    query = f"{parts.query}&" if parts.query else ""
+    return urlunsplit(parts._replace(query=f"{query}ssl_ca_certs={quote(ca_file, safe='/')}"))

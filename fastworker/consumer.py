@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from fastworker.app import Handler
 from fastworker.config import Settings
 from fastworker.dispatch import Dispatcher
-from fastworker.errors import FastworkerError, NoGroupError, SettleRefused
+from fastworker.errors import FastworkerError, NoGroupError, RedisUnavailable, SettleRefused
 from fastworker.message import Message, RawEntry, decode_entries
 from fastworker.policy import backoff_s
 from fastworker.settlement import Settlement
@@ -42,8 +42,11 @@ REFUSED_BACKOFF_CAP_S = 30.0  # a settle the server refuses waits for an operato
 
 
 class Outage:
-    """Logs the first error of an outage and the recovery, not every retry in between; paces the retries; reports
-    the outage in `problems` (for health) while it lasts."""
+    """Logs the first error of an outage and the recovery, not every retry in between; paces the retries.
+
+    An error the server answered (a refused settle, a missing permission: not cured by waiting) is reported in
+    `problems` while it lasts, which turns the fleet's health red. An unreachable server is not: restarting the
+    worker would not bring it back, and readiness already checks the server."""
 
     def __init__(self, what: str, problems: dict[str, str] | None = None, cap_s: float = 5.0) -> None:
         self.what = what
@@ -56,7 +59,8 @@ class Outage:
         if self.attempt == 0:
             self.since = time.monotonic()
             logger.warning("%s: %s; retrying with backoff", self.what, error)
-        self.problems[self.what] = str(error)
+        if not isinstance(error, RedisUnavailable):
+            self.problems[self.what] = str(error)
         delay = backoff_s(self.attempt, cap_s=self.cap_s)
         self.attempt += 1
         if stopping is None:

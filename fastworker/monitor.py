@@ -1,7 +1,8 @@
 """The fleet's eyes and hands, in the supervisor process: HTTP endpoints, sampled gauges, housekeeping.
 
 - `/healthz`: every worker process alive and its loop reporting (liveness).
-- `/readyz`: the server reachable and every group of the app present (readiness).
+- `/readyz`: the server reachable, every group of the app present, and no worker reporting a problem that waiting
+  does not cure, such as a settle the server refuses (readiness). `/healthz` turns red on such a problem too.
 - `/metrics`: Prometheus text, counters and histograms added up over all worker processes (including the ones a
   restart replaced, so counters never go down), and gauges (stream length, pending, lag, oldest pending age,
   dead letters) sampled every sample_interval_s, never per message.
@@ -43,6 +44,7 @@ class Fleet(Protocol):
     restarts_total: int
 
     def healthy(self) -> tuple[bool, str]: ...
+    def problems(self) -> list[str]: ...
     def reports(self) -> list[dict[str, Any]]: ...
     def totals(self) -> dict[tuple[str, str, str], int]: ...
     def alive_count(self) -> int: ...
@@ -161,7 +163,8 @@ class Monitor:
             ok, reason = self.fleet.healthy()
             return (200 if ok else 503), "text/plain", f"{reason}\n".encode()
         if route == "/readyz":
-            not_ready = self.ready_reason
+            problems = self.fleet.problems()
+            not_ready = self.ready_reason or (problems[0] if problems else None)
             return (503, "text/plain", f"{not_ready}\n".encode()) if not_ready else (200, "text/plain", b"ok\n")
         return 404, "text/plain", b"not found: try /healthz, /readyz or /metrics\n"
 

@@ -295,7 +295,14 @@ class Supervisor:
                 return False, f"worker process {slot.index} is starting (not ready yet)"
             if now - slot.last_beat > STALE_AFTER_S:
                 return False, f"worker process {slot.index} has not reported for {now - slot.last_beat:.0f} s"
-        return True, "ok"
+        problems = self.problems()
+        return (False, problems[0]) if problems else (True, "ok")
+
+    def problems(self) -> list[str]:
+        """What keeps workers' loops from working that waiting does not cure (a settle the server refuses, a
+        missing permission), as the workers last reported it."""
+        return [f"worker process {slot.index}: {loop}: {reason}"
+                for slot in self.slots for loop, reason in sorted(slot.stats.get("problems", {}).items())]
 
     def ready(self) -> bool:
         return all(slot.ready for slot in self.slots)

@@ -383,3 +383,27 @@ def test_fleet_results_are_exactly_once_through_kills_and_cut_connections(fleet:
     lost = n - len(results)
     assert (lost, duplicates) == (0, 0)
     assert sum(fleet.calls().values()) > n  # the chaos did make handlers run twice; the results did not double
+
+
+def test_fleet_health_turns_red_while_the_server_refuses_to_settle(fleet: Fleet) -> None:
+    # The dead-letter key holds a string: no batch with a dead letter can settle until an operator fixes it.
+    from fastworker.server import free_port
+
+    fleet.client.set(f"{fleet.stream}:dead", "not a stream")
+    fleet.env["FLEET_REJECT_EVERY"] = "1"
+    fleet.publish(5)
+    port = free_port()
+    fleet.start("--processes", "1", "--http-port", str(port), "--http-host", "127.0.0.1",
+                "--sample-interval-s", "0.2")
+    fleet.wait(lambda: _get(port, "/healthz")[0] == 503 and "WRONGTYPE" in _get(port, "/healthz")[1],
+               what="health red with the reason")
+    status, body = _get(port, "/readyz")
+    assert status == 503 and "WRONGTYPE" in body
+    assert fleet.pending() == 5  # nothing acked
+    fleet.client.delete(f"{fleet.stream}:dead")
+    fleet.wait(lambda: fleet.client.exists(f"{fleet.stream}:dead") and fleet.pending() == 0, timeout_s=60,
+               what="the dead letters once the key is fixed")
+    fleet.wait(lambda: _get(port, "/healthz")[0] == 200 and _get(port, "/readyz")[0] == 200, what="green again")
+    assert fleet.stop() == ExitCode.OK
+    assert fleet.client.xlen(f"{fleet.stream}:dead") == 5
+    assert sum(fleet.calls().values()) == 5  # not handled again while refused

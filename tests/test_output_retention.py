@@ -232,6 +232,9 @@ class IdleFleet:
     def healthy(self) -> tuple[bool, str]:
         return True, "ok"
 
+    def problems(self) -> list[str]:
+        return []
+
     def reports(self) -> list[dict[str, Any]]:
         return []
 
