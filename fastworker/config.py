@@ -59,7 +59,8 @@ class Settings:
     consumer_prefix: str = _field(help="consumer names are PREFIX-0 .. PREFIX-N (default: host name)",
                                   factory=socket.gethostname)
     gc_threshold: int = _field(20_000, help="worker processes' first GC generation threshold (0: Python's 700)")
-    crash_loop_restarts: int = _field(5, help="worker deaths before ready (or failed starts) within crash_loop_window_s that stop the fleet")
+    crash_loop_restarts: int = _field(5, help="worker deaths before ready (or failed starts) within "
+                                      "crash_loop_window_s that stop the fleet")
     crash_loop_window_s: float = _field(60.0, help="window in which crash_loop_restarts deaths mean a crash loop")
     http_port: int = _field(0, help="serve /healthz, /readyz and /metrics on this port (0: off)")
     http_host: str = _field("0.0.0.0", help="address the HTTP endpoints listen on")
