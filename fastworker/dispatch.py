@@ -46,10 +46,15 @@ class HandlerTimeout(Exception):
 class _Lane:
     """A run of handler calls in one task, as the timeout watchdog sees it."""
 
-    __slots__ = ("calls", "expired", "seen", "started", "strikes", "task")
+    __slots__ = ("calls", "expired", "handler", "message", "seen", "seen_by_inspect", "since", "started", "strikes",
+                 "task")
 
-    def __init__(self, task: asyncio.Task[Any] | None) -> None:
+    def __init__(self, task: asyncio.Task[Any] | None, handler: str = "") -> None:
         self.task = task
+        self.handler = handler
+        self.message: Message | None = None  # the call in flight, for `Dispatcher.in_flight()`
+        self.since = 0.0  # when in_flight() first saw this lane's calls counter at its current value (monotonic)
+        self.seen_by_inspect = 0
         self.calls = 0  # moves at every call: cheaper than a timer per call
         self.seen = 0
         self.strikes = 0
@@ -151,13 +156,13 @@ class Dispatcher:
             return await self._run_batch(handler, messages)
         outcomes: list[Outcome] = [None] * len(messages)
         if handler.is_async:
-            await self._run_async(func, messages, outcomes)
+            await self._run_async(func, messages, outcomes, handler.name)
         else:
-            await self._run_sync(func, messages, outcomes)
+            await self._run_sync(func, messages, outcomes, handler.name)
         return outcomes
 
     async def _run_async(self, func: Callable[[Message], Awaitable[Any]], messages: list[Message],
-                         outcomes: list[Outcome]) -> None:
+                         outcomes: list[Outcome], name: str) -> None:
         """The first lane runs in the caller's task: handlers that do not really wait finish the whole batch there
         without a task being made. The loop only gets to the timer when a call waits, so a call still waiting after
         LANE_OPEN_S opens the other lanes, which take the next messages while it waits."""
@@ -166,11 +171,11 @@ class Dispatcher:
 
         def open_lanes() -> None:
             for _ in range(min(self.concurrency, len(messages)) - 1):
-                lanes.append(asyncio.ensure_future(self._async_lane(func, pending, outcomes)))
+                lanes.append(asyncio.ensure_future(self._async_lane(func, pending, outcomes, name)))
 
         opener = asyncio.get_running_loop().call_later(LANE_OPEN_S, open_lanes)
         try:
-            await self._async_lane(func, pending, outcomes)
+            await self._async_lane(func, pending, outcomes, name)
             opener.cancel()
             if lanes:
                 await asyncio.gather(*lanes)
@@ -180,7 +185,7 @@ class Dispatcher:
                 lane.cancel()  # only those still running, when the dispatch itself was cancelled
 
     async def _run_sync(self, func: Callable[[Message], Any], messages: list[Message],
-                        outcomes: list[Outcome]) -> None:
+                        outcomes: list[Outcome], name: str) -> None:
         """Sync lanes are pool jobs taking messages from one queue: one lane per MIN_SYNC_CHUNK messages to start
         with, all of them once a call has been running for LANE_OPEN_S (the handler waits on something)."""
         queue: deque[tuple[int, Message]] = deque(enumerate(messages))
@@ -190,7 +195,7 @@ class Dispatcher:
 
         def add_lanes(count: int) -> None:
             for _ in range(count):
-                lanes.append(asyncio.ensure_future(self._sync_lane(func, queue, outcomes, jobs)))
+                lanes.append(asyncio.ensure_future(self._sync_lane(func, queue, outcomes, jobs, name)))
 
         opener: asyncio.TimerHandle | None = None
 
@@ -291,14 +296,15 @@ class Dispatcher:
                     outcomes[position] = failed[id(message)]
 
     async def _async_lane(self, func: Callable[[Message], Awaitable[Any]], pending: Any,
-                          outcomes: list[Outcome]) -> None:
+                          outcomes: list[Outcome], name: str) -> None:
         """Call `func` on messages from the shared iterator, one after another."""
         async with self._slots:
-            lane = _Lane(asyncio.current_task())
+            lane = _Lane(asyncio.current_task(), name)
             self._watch(lane)
             try:
                 for index, message in pending:
                     lane.calls += 1
+                    lane.message = message
                     try:
                         await func(message)
                     except asyncio.CancelledError:
@@ -312,6 +318,23 @@ class Dispatcher:
                             outcomes[index] = lane.clear_expiry(self.handler_timeout_s)
             finally:
                 self._lanes.discard(lane)
+
+    def in_flight(self) -> list[dict[str, Any]]:
+        """The handler calls running now: stream, entry id, deliveries, handler and running time in seconds.
+
+        The running time is measured from the first time a call was seen here (no clock is read per call on the hot
+        path): ask twice to see a long call's true age; a call younger than the interval between asks shows as 0."""
+        now = time.monotonic()
+        calls = []
+        for lane in list(self._lanes):
+            message = lane.message
+            if message is None:
+                continue
+            if lane.calls != lane.seen_by_inspect:
+                lane.seen_by_inspect, lane.since = lane.calls, now
+            calls.append({"stream": message.stream, "id": message.id, "deliveries": message.deliveries,
+                          "handler": lane.handler, "running_s": round(now - lane.since, 3)})
+        return calls
 
     def _watch(self, lane: _Lane) -> None:
         self._lanes.add(lane)
@@ -335,12 +358,12 @@ class Dispatcher:
             self._watchdog = asyncio.get_running_loop().call_later(self.handler_timeout_s / 2, self._check_lanes)
 
     async def _sync_lane(self, func: Callable[[Message], Any], queue: deque[tuple[int, Message]],
-                         outcomes: list[Outcome], jobs: list[_SyncJob]) -> None:
+                         outcomes: list[Outcome], jobs: list[_SyncJob], name: str) -> None:
         """One pool job at a time takes messages from `queue` until it is empty. A call past the timeout is charged
         alone: its thread is abandoned (a thread cannot be interrupted) and a new job goes on with the queue."""
         loop = asyncio.get_running_loop()
         async with self._slots:
-            lane = _Lane(asyncio.current_task())
+            lane = _Lane(asyncio.current_task(), name)
             self._watch(lane)
             try:
                 while queue:
@@ -433,6 +456,7 @@ class _SyncJob:
                     return
                 self.current, self.since = index, time.perf_counter()
             lane.calls += 1
+            lane.message = message
             outcome: Outcome = None
             try:
                 self.func(message)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import random
 
@@ -219,3 +220,28 @@ def test_pack_speaks_resp() -> None:
     from fastworker.streams import pack
 
     assert pack([("XACK", "s", b"g", 7, 1.5)]) == b"*5\r\n$4\r\nXACK\r\n$1\r\ns\r\n$1\r\ng\r\n$1\r\n7\r\n$3\r\n1.5\r\n"
+
+
+async def test_dispatcher_in_flight_lists_the_calls_running_now() -> None:
+    from fastworker.app import Handler
+    from fastworker.dispatch import Dispatcher
+
+    release, all_started = asyncio.Event(), asyncio.Event()
+    started: list[str] = []
+
+    async def wait(msg: Message) -> None:
+        started.append(msg.id)
+        if len(started) == 3:
+            all_started.set()
+        await release.wait()
+
+    dispatcher = Dispatcher(8, 30.0, 5, ":dead")
+    messages = [Message("s", f"{i}-0", [b"k", b"v"], None, 1) for i in range(3)]
+    handling = asyncio.ensure_future(dispatcher.dispatch("g", {"s": Handler("s", "g", wait)}, {"s": messages}))
+    await asyncio.wait_for(all_started.wait(), 5)
+    calls = dispatcher.in_flight()
+    assert sorted(call["id"] for call in calls) == ["0-0", "1-0", "2-0"]
+    assert {call["handler"] for call in calls} == {wait.__qualname__}
+    release.set()
+    await handling
+    assert dispatcher.in_flight() == []
