@@ -64,7 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--jobs", type=int, default=1_000_000, help="jobs published over the data-job and training streams")
-    add("--rate", type=float, default=10_000, help="jobs per second published (lowered when the faults need time)")
+    add("--rate", type=float, default=None,
+        help="jobs per second published (default: 10,000, lowered so that publishing lasts twice as long as the "
+             "faults take; a rate given is kept, and faults go on after the last job when they need more time)")
     add("--processes", type=int, default=2, help="worker processes of the fleet")
     add("--batch-size", type=int, default=500, help="the fleet's --batch-size (and the re-run bound per batch)")
     add("--worker-kills", type=int, default=20, help="SIGKILLs of a random worker process")
@@ -97,8 +99,8 @@ def fault_plan(args: argparse.Namespace) -> tuple[float, list[tuple[float, str]]
     """(the publishing rate, the faults as (seconds after the start, kind) in time order).
 
     Faults run one at a time, in random order, separated by random gaps (at least MIN_GAP_S) within 5% to 90% of
-    the publishing window, so they never pile up behind a long one. The rate is lowered when needed so that the
-    window is at least twice what the faults themselves take: most of them land while jobs are flowing.
+    the window, so they never pile up behind a long one. Without --rate, the rate is lowered when needed so that
+    publishing lasts at least twice what the faults take: most of them land while jobs are flowing.
     """
     counts = {"worker_kill": args.worker_kills, "manager_kill": args.manager_kills,
               "server_kill": args.server_kills, "pause": args.pauses, "cut": args.cuts, "delay": args.delays}
@@ -108,13 +110,14 @@ def fault_plan(args: argparse.Namespace) -> tuple[float, list[tuple[float, str]]
     kinds = [kind for kind, count in counts.items() for _ in range(count)]
     rng.shuffle(kinds)
     busy_s = sum(lasts[kind] + MIN_GAP_S for kind in kinds)
-    window_s = max(args.jobs / args.rate, 2 * busy_s, 5.0)
+    publish_s = args.jobs / args.rate if args.rate else max(args.jobs / 10_000, 2 * busy_s, 5.0)
+    window_s = max(publish_s, busy_s / 0.85 + 1)
     gaps = sorted(rng.uniform(0, 0.85 * window_s - busy_s) for _ in kinds)
     plan, spent = [], 0.05 * window_s
     for kind, gap in zip(kinds, gaps, strict=True):
         plan.append((spent + gap, kind))
         spent += lasts[kind] + MIN_GAP_S
-    return args.jobs / window_s, plan
+    return args.jobs / publish_s, plan
 
 
 # -- the jobs ---------------------------------------------------------------------------------------------------------
@@ -173,7 +176,7 @@ class Publisher:
         self.top = {stream: -1 for stream in STREAMS}  # the last job index each stream is known to hold
         self.server_lost = 0
         self.outages = 0
-        self.done = asyncio.Event()
+        self.finished = 0.0  # time.monotonic() of the last job's confirmation
 
     async def run(self, deadline: float) -> None:
         started = time.monotonic()
@@ -188,7 +191,7 @@ class Publisher:
                 except (*REDIS_ERRORS, rex.ResponseError):
                     self.outages += 1
                     await retrying(self._resync, deadline)
-            self.done.set()
+            self.finished = time.monotonic()
         finally:
             await self.client.aclose()
 
@@ -392,6 +395,7 @@ class Fleet:
 class FaultLog:
     done: Counter[str] = field(default_factory=Counter)
     absent: Counter[str] = field(default_factory=Counter)  # planned, but there was nothing to hit
+    skipped: Counter[str] = field(default_factory=Counter)  # planned, but the fleet had already exited
     connections_cut: int = 0
     restart_s: list[float] = field(default_factory=list)  # worker kill -> a new process in that slot
     not_restarted: int = 0
@@ -421,7 +425,7 @@ class Chaos:
             if wait > 0:
                 await asyncio.sleep(wait)
             if not self.fleet.alive():
-                self.log.absent[kind] += 1
+                self.log.skipped[kind] += 1
                 continue
             await getattr(self, kind)()
         await asyncio.gather(*self.watchers)
@@ -594,7 +598,8 @@ async def _watch(fleet: Fleet, started: float) -> None:
 
 async def _drain(client: aioredis.Redis, ledger: Ledger, fleet: Fleet, publisher: Publisher, timeout_s: float,
                  started: float) -> tuple[float | None, str]:
-    """Wait for every job to have an output and nothing to be pending: (seconds since the start, or None; why)."""
+    """Wait for every job to have an output and nothing to be pending: (seconds after the last job was published,
+    or None; why not)."""
     deadline = time.monotonic() + timeout_s
     shown = 0.0
     while True:
@@ -604,7 +609,7 @@ async def _drain(client: aioredis.Redis, ledger: Ledger, fleet: Fleet, publisher
         except REDIS_ERRORS as exc:
             still, reason = -1, f"{type(exc).__name__}: {exc}"
         if ledger.settled >= publisher.jobs.n and still == 0:
-            return time.monotonic() - started, ""
+            return time.monotonic() - max(started, publisher.finished), ""
         reason = f"{publisher.jobs.n - ledger.settled:,} jobs without an output, {still} pending"
         if not fleet.alive():
             return None, f"the fleet is gone; {reason}"
@@ -650,12 +655,13 @@ def table(args: argparse.Namespace, outcome: Outcome, faults: FaultLog, proxy: d
     """(measure, value, target, held) rows; held is '' for facts without a target."""
     bound, bound_text = rerun_bound(args, faults)
     where = ", ".join(f"{count:,} {kind}" for kind, count in outcome.lost_kinds.most_common())
-    alive = outcome.fleet_died is None
-    died = "" if outcome.fleet_died is None else \
-        f"no: exited with {outcome.fleet_died[1]} after {outcome.fleet_died[0]:.1f} s"
+    alive = outcome.fleet_died is None and not faults.not_restarted
+    died = f"no: exited with {outcome.fleet_died[1]} after {outcome.fleet_died[0]:.1f} s" if outcome.fleet_died \
+        else f"no: {faults.not_restarted} killed worker(s) never replaced" if faults.not_restarted else ""
     restarts = (f"{len(faults.restart_s)} replaced (max {max(faults.restart_s):.1f} s)" if faults.restart_s
                 else "none replaced") + (f", {faults.not_restarted} not" if faults.not_restarted else "")
-    drained = (f"after {outcome.drained_s:.1f} s" if outcome.drained_s is not None else f"no: {outcome.drain_error}")
+    drained = (f"{outcome.drained_s:.1f} s after the last job (run {outcome.seconds:.0f} s)"
+               if outcome.drained_s is not None else f"no: {outcome.drain_error}")
     return [
         ("entries sent", f"{outcome.sent:,}", "", ""),
         ("results", f"{outcome.results:,}", "", ""),
@@ -666,9 +672,12 @@ def table(args: argparse.Namespace, outcome: Outcome, faults: FaultLog, proxy: d
          yes(outcome.reruns <= bound)),
         ("pending at the end", "?" if outcome.pending is None else f"{outcome.pending:,}", "0",
          yes(outcome.pending == 0)),
-        ("drained", drained, f"within {args.drain_timeout_s:g} s", yes(outcome.drained_s is not None)),
-        ("fleet alive", "yes, throughout" if alive else died, "throughout", yes(alive)),
-        ("exit code on SIGTERM", str(outcome.exit_code) if alive else "-", "0", yes(outcome.exit_code == 0)),
+        ("drained", drained, f"within {args.drain_timeout_s:g} s of the last job and fault",
+         yes(outcome.drained_s is not None)),
+        ("fleet alive", "yes, throughout" if alive else died, "supervisor up, every killed worker replaced",
+         yes(alive)),
+        ("exit code on SIGTERM", "-" if outcome.exit_code is None else str(outcome.exit_code), "0",
+         yes(outcome.exit_code == 0)),
         ("harness errors", "; ".join(outcome.errors) or "none", "none", yes(not outcome.errors)),
         ("worker SIGKILLs", f"{faults.done['worker_kill']}: {restarts}", "", ""),
         ("manager SIGKILLs", str(faults.done["manager_kill"]) if faults.done["manager_kill"] else
@@ -678,8 +687,8 @@ def table(args: argparse.Namespace, outcome: Outcome, faults: FaultLog, proxy: d
         ("server pauses", f"{faults.done['pause']} x {args.pause_s:g} s", "", ""),
         ("connection cuts", f"{faults.done['cut']} ({faults.connections_cut} connections)", "", ""),
         ("delay episodes", f"{faults.done['delay']} x {args.delay_s:g} s at {args.delay_ms:g} ms one way", "", ""),
-        ("faults skipped (nothing to hit)", str(sum(v for k, v in faults.absent.items() if k != "manager_kill")),
-         "", ""),
+        ("faults not injected", f"{sum(faults.skipped.values())} (fleet gone), "
+         f"{sum(v for k, v in faults.absent.items() if k != 'manager_kill')} (no worker to kill)", "", ""),
         ("writes the server lost (republished)", f"{outcome.server_lost:,} (appendfsync {args.fsync})", "", ""),
         ("publisher outages", f"{outcome.publish_outages}", "", ""),
         ("proxy connections", f"{proxy.get('accepted', 0)} accepted, {proxy.get('refused', 0)} refused", "", ""),
@@ -698,11 +707,31 @@ def print_table(rows: list[tuple[str, ...]]) -> None:
 
 
 LOG_LEVELS = re.compile(r" (WARNING|ERROR|CRITICAL) ")
+FRAME = re.compile(r'File ".*?/(fastworker/[^"]+)", line (\d+), in (\S+)')
+
+
+def problems(lines: list[str]) -> list[str]:
+    """The fleet's warning and error lines, and each traceback as one line: its exception, where it was raised in
+    fastworker (the innermost frame of the package)."""
+    found: list[str] = []
+    frame: str | None = None  # inside a traceback: the innermost fastworker frame so far
+    for line in lines:
+        if line.startswith("Traceback"):
+            frame = ""
+        elif frame is not None and line.startswith(" "):
+            if match := FRAME.search(line):
+                frame = f"{match[1]}:{match[2]} in {match[3]}"
+        elif frame is not None:
+            found.append(f"traceback: {line} (at {frame or '?'})")
+            frame = None
+        elif LOG_LEVELS.search(line):
+            found.append(line)
+    return found
 
 
 def log_evidence(lines: list[str], limit: int = 12) -> list[str]:
-    """The fleet's warnings and errors: each kind once with its count, then the last few as they were."""
-    bad = [line for line in lines if LOG_LEVELS.search(line) or line.startswith("Traceback")]
+    """The fleet's warnings, errors and tracebacks: each kind once with its count, then the last few as they were."""
+    bad = problems(lines)
     kinds = Counter(re.sub(r"\d+(\.\d+)?", "N", line.split(": ", 1)[-1])[:110] for line in bad)
     summary = [f"{count:>5} x {kind}" for kind, count in kinds.most_common(limit)]
     return [*summary, "  last ones:", *bad[-limit:]] if bad else []
