@@ -11,11 +11,15 @@ import dataclasses
 import importlib
 import inspect
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from fastworker.errors import AppImportError
+import msgspec
+
+from fastworker.errors import AppImportError, PayloadInvalid
 from fastworker.message import DEFAULT_PAYLOAD_FIELD, PAYLOAD_MODES, Message, PayloadMode
+from fastworker.payloads import PayloadType, payload_type_of
+from fastworker.policy import Backoff
 
 MessageHandler = Callable[[Message], Any]
 BatchHandler = Callable[[list[Message]], Any]
@@ -54,6 +58,10 @@ class Handler:
     payload: PayloadMode = "auto"
     payload_field: str = DEFAULT_PAYLOAD_FIELD
     dedup: Dedup | None = None
+    retry: Backoff | None = None  # None: the fleet's default backoff (settings)
+    max_deliveries: int | None = None  # None: the fleet's default (settings)
+    dead_on: tuple[type[BaseException], ...] = ()  # failures that dead-letter at once, besides validation errors
+    typed: PayloadType | None = None  # the declared payload type, None for an untyped handler
 
     @property
     def is_async(self) -> bool:
@@ -82,6 +90,8 @@ class App:
 
     def handler(self, stream: str, *, group: str, batch: bool = False, payload: PayloadMode = "auto",
                 payload_field: str = DEFAULT_PAYLOAD_FIELD, dedup: Dedup | bool | None = None,
+                retry: Backoff | None = None, max_deliveries: int | None = None,
+                dead_on: Iterable[type[BaseException]] = (), payload_type: Any = None,
                 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Register a function for the entries of `stream` read through consumer `group`.
 
@@ -91,6 +101,13 @@ class App:
         `auto` (JSON of the `data` field if present, else the flat fields as str), `json` (the field is
         required), `fields` (flat fields as str) or `raw` (no decoding; read `msg.fields`). `dedup=True` (or a
         `Dedup`) skips entries whose work was already done; see `Dedup`.
+
+        Typed payloads: annotate the message `msg: Message[AnalysisJob]` (or pass `payload_type=AnalysisJob`) with a
+        msgspec Struct, a dataclass, a TypedDict or a pydantic model, and `msg.payload` is built as that type; an
+        entry that does not fit is dead-lettered at its first delivery as PayloadInvalid, naming the field path.
+        Failures: `retry` (a `Backoff`) spaces the retries (default: the fleet's `--retry-*` settings), a `Retry`
+        raised with `delay_s` picks the next delay; `max_deliveries` overrides the fleet's; exceptions of the
+        classes in `dead_on` (and validation errors: msgspec's, pydantic's, PayloadInvalid) dead-letter at once.
         """
         if not stream or not group:
             raise ValueError("a handler needs a stream and a group")
@@ -100,10 +117,19 @@ class App:
             raise ValueError(f"stream {stream!r} already has a handler in group {group!r}")
         if dedup and batch:
             raise ValueError("dedup works per message: it cannot be combined with batch=True")
+        if max_deliveries is not None and max_deliveries < 1:
+            raise ValueError(f"max_deliveries must be at least 1, got {max_deliveries}")
+        deadly = tuple(dead_on)
+        if not all(isinstance(kind, type) and issubclass(kind, BaseException) for kind in deadly):
+            raise ValueError(f"dead_on takes exception classes, got {deadly!r}")
         rule = Dedup() if dedup is True else (dedup or None)
 
         def register(func: Callable[..., Any]) -> Callable[..., Any]:
-            self.handlers.append(Handler(stream, group, func, batch, payload, payload_field, rule))
+            typed = payload_type_of(func, payload_type)
+            if typed is not None and payload == "raw":
+                raise ValueError("a typed payload needs decoding: payload='raw' cannot be combined with it")
+            self.handlers.append(Handler(stream, group, func, batch, payload, payload_field, rule, retry,
+                                         max_deliveries, validation_errors() + deadly, typed))
             return func
 
         return register
@@ -127,6 +153,15 @@ class App:
 
     def streams(self) -> list[str]:
         return sorted({handler.stream for handler in self.handlers})
+
+
+def validation_errors() -> tuple[type[BaseException], ...]:
+    """The payload validation errors every handler dead-letters at once: no retry makes a payload fit."""
+    kinds: tuple[type[BaseException], ...] = (PayloadInvalid, msgspec.ValidationError)
+    pydantic = sys.modules.get("pydantic")  # only when the app uses it: importing it costs a second
+    if pydantic is not None:
+        kinds += (pydantic.ValidationError,)
+    return kinds
 
 
 def load_app(reference: str) -> App:

@@ -11,13 +11,17 @@ any rediss:// URL (as redis-py's `ssl_ca_certs` query parameter) that does not n
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit, urlunsplit
 
 from fastworker.errors import ConfigError
+from fastworker.policy import Backoff
 
 ENV_PREFIX = "FASTWORKER_"
 REDIS_SCHEMES = ("redis", "rediss", "unix")
@@ -45,13 +49,19 @@ class Settings:
     redis_url: str = _field("redis://localhost:6379/0", help="server URL: redis://, rediss:// (TLS) or unix://")
     batch_size: int = _field(500, help="entries per XREADGROUP (COUNT) and per settle pipeline")
     block_ms: int = _field(2000, help="how long one XREADGROUP waits for new entries (BLOCK)")
-    claim_idle_ms: int = _field(60_000, help="pending entries idle this long are claimed from any consumer")
+    claim_idle_ms: int = _field(60_000, help="entries pending this long with no verdict (their worker died or hung) "
+                                "are claimed from any consumer")
     claim_interval_ms: int = _field(5_000, help="how often the reclaimer looks for idle pending entries")
     max_deliveries: int = _field(5, help="deliveries after which a failing entry goes to the dead-letter stream")
+    retry_first_s: float = _field(1.0, help="a failed entry is retried after this many seconds the first time")
+    retry_factor: float = _field(2.0, help="each later retry waits this many times longer")
+    retry_max_s: float = _field(300.0, help="no retry waits longer than this many seconds (backoff cap)")
+    retry_jitter: float = _field(0.1, help="retry delays vary by up to this fraction either way (0 to 1)")
     concurrency: int = _field(64, help="handler calls in flight at once, per worker process")
     handler_timeout_s: float = _field(30.0, help="a handler call running longer has failed (cancelled within 1.5x)")
     shutdown_grace_s: float = _field(30.0, help="time to finish in-flight work after SIGTERM before leaving it")
-    socket_timeout_s: float = _field(10.0, help="socket timeout of every connection; must exceed block_ms")
+    socket_timeout_s: float = _field(10.0, help="socket timeout of every connection (a worker's must "
+                                     "exceed its block_ms by 1 s)")
     dead_letter_suffix: str = _field(":dead", help="dead letters of stream S go to S + this suffix")
     group_start_id: str = _field("0", help="ID a missing group is created at: 0 (whole stream) or $ (new only)")
     processes: int = _field(help="worker processes (default: CPU count)", factory=_default_processes)
@@ -89,8 +99,21 @@ class Settings:
     def consumer_names(self) -> list[str]:
         return [f"{self.consumer_prefix}-{index}" for index in range(self.consumer_count)]
 
+    def backoff(self) -> Backoff:
+        """The fleet's default retry backoff, for handlers that declare none."""
+        return Backoff(self.retry_first_s, self.retry_factor, self.retry_max_s, self.retry_jitter)
+
     def redacted_url(self) -> str:
         return redact_url(self.redis_url)
+
+
+# How a problem names a setting: by its field name (settings built in code), or, inside load_settings(), by the
+# flag or environment variable its value came from, so that an error speaks the words the user typed.
+_naming: ContextVar[Callable[[str], str]] = ContextVar("naming", default=str)
+
+
+def _n(name: str) -> str:
+    return _naming.get()(name)
 
 
 def _problems(s: Settings) -> list[str]:
@@ -98,61 +121,81 @@ def _problems(s: Settings) -> list[str]:
     return _range_problems(s) or _hazards(s) + _format_problems(s)
 
 
+# The range of each numeric setting on its own: checked when a flag is parsed, and again in Settings.
+AT_LEAST = {"batch_size": 1, "block_ms": 1, "claim_idle_ms": 1, "claim_interval_ms": 1, "max_deliveries": 1,
+            "concurrency": 1, "processes": 1, "consumers": 0, "crash_loop_restarts": 1, "gc_threshold": 0,
+            "http_port": 0, "trim_interval_s": 0, "trim_retain_s": 0, "dead_consumer_idle_s": 0,
+            "output_max_age_s": 0, "output_max_len": 0}
+POSITIVE = ("handler_timeout_s", "shutdown_grace_s", "socket_timeout_s", "crash_loop_window_s", "sample_interval_s")
+AT_MOST = {"http_port": 65535}
+CHOICES = {"log_level": ("DEBUG", "INFO", "WARNING", "ERROR"), "log_format": ("text", "json"),
+           "group_start_id": ("0", "$")}
+
+
+def value_problem(name: str, value: Any) -> str | None:
+    """What is wrong with one setting's value on its own (its range or choices), without its name; None when it
+    is fine."""
+    if name in CHOICES:
+        choices = CHOICES[name]
+        if (value.upper() if name == "log_level" else value) not in choices:
+            return f"must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}"
+        return None
+    low = AT_LEAST.get(name)
+    if low is not None and value < low:
+        return f"must be at least {low}, got {value}" if low else f"must not be negative, got {value}"
+    if name in POSITIVE and not value > 0:
+        return f"must be positive, got {value}"
+    if name in AT_MOST and value > AT_MOST[name]:
+        return f"must be at most {AT_MOST[name]}, got {value}"
+    return None
+
+
 def _range_problems(s: Settings) -> list[str]:
-    problems = [f"{name} must be at least {low}, got {getattr(s, name)}" for name, low in (
-        ("batch_size", 1), ("block_ms", 1), ("claim_idle_ms", 1), ("claim_interval_ms", 1),
-        ("max_deliveries", 1), ("concurrency", 1), ("processes", 1), ("consumers", 0), ("crash_loop_restarts", 1),
-        ("gc_threshold", 0), ("http_port", 0), ("trim_interval_s", 0), ("trim_retain_s", 0),
-        ("dead_consumer_idle_s", 0), ("output_max_age_s", 0), ("output_max_len", 0),
-    ) if getattr(s, name) < low]
-    return problems + [f"{name} must be positive, got {getattr(s, name)}" for name in (
-        "handler_timeout_s", "shutdown_grace_s", "socket_timeout_s", "crash_loop_window_s", "sample_interval_s",
-    ) if not getattr(s, name) > 0]
+    problems = [f"{_n(field.name)} {problem}" for field in fields()
+                if field.name not in CHOICES and (problem := value_problem(field.name, getattr(s, field.name)))]
+    if not (s.retry_factor >= 1 and 0 <= s.retry_jitter < 1 and 0 <= s.retry_first_s <= s.retry_max_s <= 86_400):
+        problems.append(f"retry settings must satisfy retry_factor >= 1, 0 <= retry_jitter < 1 and 0 <= retry_first_s "
+                        f"<= retry_max_s <= 86400; got factor {s.retry_factor:g}, jitter {s.retry_jitter:g}, first "
+                        f"{s.retry_first_s:g} s, max {s.retry_max_s:g} s")
+    return problems
 
 
 def _hazards(s: Settings) -> list[str]:
     problems = []
     if s.handler_timeout_s * 1000 * TIMEOUT_OVERSHOOT >= s.claim_idle_ms:
         problems.append(
-            f"handler_timeout_s ({s.handler_timeout_s:g}) must be shorter than claim_idle_ms ({s.claim_idle_ms}) "
+            f"{_n('handler_timeout_s')} ({s.handler_timeout_s:g}) must be shorter than {_n('claim_idle_ms')} "
+            f"({s.claim_idle_ms}) "
             f"/ {TIMEOUT_OVERSHOOT:g}: a call may run {TIMEOUT_OVERSHOOT:g}x its timeout before it is cancelled, and "
             "live work would be claimed by other consumers while it still runs")
     if s.socket_timeout_s * 1000 < s.block_ms + SOCKET_TIMEOUT_MARGIN_MS:
         problems.append(
-            f"socket_timeout_s ({s.socket_timeout_s:g}) must exceed block_ms ({s.block_ms}) by at least "
-            f"{SOCKET_TIMEOUT_MARGIN_MS} ms: a blocking read would time out and be retried forever")
-    if s.http_port > 65535:
-        problems.append(f"http_port must be at most 65535, got {s.http_port}")
+            f"{_n('socket_timeout_s')} ({s.socket_timeout_s:g}) must exceed {_n('block_ms')} ({s.block_ms}) by at "
+            f"least {SOCKET_TIMEOUT_MARGIN_MS} ms: a blocking read would time out and be retried forever")
     if s.consumers and s.consumers < s.processes:
-        problems.append(f"consumers ({s.consumers}) must be 0 or at least processes ({s.processes})")
+        problems.append(f"{_n('consumers')} ({s.consumers}) must be 0 or at least {_n('processes')} ({s.processes})")
     if not s.dead_letter_suffix:
-        problems.append("dead_letter_suffix must not be empty: dead letters would go back to their own stream")
+        problems.append(f"{_n('dead_letter_suffix')} must not be empty: dead letters would go back to their own stream")
     if s.output_streams and not s.trim_interval_s:
-        problems.append("output_streams needs trim_interval_s above 0: housekeeping trims them, and it is off")
+        problems.append(f"{_n('output_streams')} needs {_n('trim_interval_s')} above 0: housekeeping trims them, and "
+                        "it is off")
     if s.output_streams and not (s.output_max_age_s or s.output_max_len):
-        problems.append("output_streams needs output_max_age_s or output_max_len above 0: with neither, nothing "
-                        "says which results to keep")
+        problems.append(f"{_n('output_streams')} needs {_n('output_max_age_s')} or {_n('output_max_len')} above 0: "
+                        "with neither, nothing says which results to keep")
     return problems
 
 
 def _format_problems(s: Settings) -> list[str]:
-    problems = []
-    if s.group_start_id not in ("0", "$"):
-        problems.append(f"group_start_id must be 0 or $, got {s.group_start_id!r}")
+    problems = [f"{_n(name)} {problem}" for name in CHOICES if (problem := value_problem(name, getattr(s, name)))]
     if not s.consumer_prefix or any(c.isspace() for c in s.consumer_prefix):
-        problems.append(f"consumer_prefix must be a non-empty word, got {s.consumer_prefix!r}")
-    problems += logging_problems(s.log_level, s.log_format)
+        problems.append(f"{_n('consumer_prefix')} must be a non-empty word, got {s.consumer_prefix!r}")
     url_problem = _url_problem(s.redis_url)
     return [*problems, url_problem] if url_problem else problems
 
 
 def logging_problems(level: str, fmt: str) -> list[str]:
-    problems = []
-    if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        problems.append(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
-    if fmt not in ("text", "json"):
-        problems.append(f"log_format must be text or json, got {fmt!r}")
-    return problems
+    return [f"{_n(name)} {problem}" for name, value in (("log_level", level), ("log_format", fmt))
+            if (problem := value_problem(name, value))]
 
 
 def environ_value(field_name: str) -> str | None:
@@ -165,17 +208,17 @@ def _url_problem(url: str) -> str | None:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a malformed port
     except ValueError as exc:
-        return f"redis_url {redact_url(url)!r} is malformed: {exc}"
+        return f"{_n('redis_url')} {redact_url(url)!r} is malformed: {exc}"
     if parts.scheme not in REDIS_SCHEMES:
-        return f"redis_url {redact_url(url)!r} must start with redis://, rediss:// or unix://"
+        return f"{_n('redis_url')} {redact_url(url)!r} must start with redis://, rediss:// or unix://"
     if parts.scheme != "unix" and not parts.hostname:
-        return f"redis_url {redact_url(url)!r} has no host"
+        return f"{_n('redis_url')} {redact_url(url)!r} has no host"
     db = parts.path.lstrip("/")
     if parts.scheme != "unix" and db and not db.isdigit():
-        return f"redis_url {redact_url(url)!r}: database must be a number, got {db!r}"
+        return f"{_n('redis_url')} {redact_url(url)!r}: database must be a number, got {db!r}"
     for ca_file in parse_qs(parts.query).get("ssl_ca_certs", []):
         if not os.path.isfile(ca_file):
-            return f"redis_url {redact_url(url)!r}: the CA file ssl_ca_certs={ca_file} does not exist"
+            return f"{_n('redis_url')} {redact_url(url)!r}: the CA file ssl_ca_certs={ca_file} does not exist"
     return None
 
 
@@ -204,16 +247,24 @@ def env_name(field_name: str) -> str:
     return ENV_PREFIX + field_name.upper()
 
 
+APP_ENV = ("REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD", "REDIS_DB", "REDIS_USERNAME")
+# FASTWORKER_* variables that are not settings: the deploy files' app reference, the test server's binary.
+OTHER_ENV = ("FASTWORKER_APP", "FASTWORKER_SERVER_BIN")
+
+
 def url_from_app_env(environ: Mapping[str, str]) -> str | None:
     """The app's connection variables as one URL: REDIS_URL wins, then REDIS_HOST and friends."""
     if environ.get("REDIS_URL"):
         return environ["REDIS_URL"]
-    keys = ("REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD", "REDIS_DB", "REDIS_USERNAME")
-    if not any(environ.get(key) for key in keys):
+    if not any(environ.get(key) for key in APP_ENV):
         return None
     host = environ.get("REDIS_HOST") or "localhost"
     port = environ.get("REDIS_PORT") or "6379"
+    if not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise ConfigError(f"REDIS_PORT must be a port number (1 to 65535), got {port!r}")
     db = environ.get("REDIS_DB") or "0"
+    if not db.isdigit():
+        raise ConfigError(f"REDIS_DB must be a database number (0, 1, ...), got {db!r}")
     tls = environ.get("REDIS_TLS", "").lower() in ("1", "true", "yes") or environ.get(TLS_CA_ENV)
     scheme = "rediss" if tls else "redis"
     user = quote(environ.get("REDIS_USERNAME", ""), safe="")
@@ -229,19 +280,59 @@ def split_list(raw: str | Any) -> tuple[str, ...]:
 
 
 def parse_value(field: dataclasses.Field[Any], raw: str, source: str) -> Any:
-    """Convert one textual value to the field's type, or say in one line what is wrong with it."""
+    """Convert one textual value to the field's type, or say in one line (naming `source`) what is wrong."""
+    try:
+        return parse_text(field, raw)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def parse_text(field: dataclasses.Field[Any], raw: str) -> Any:
+    """One textual value as the field's type; ValueError saying what was expected, with the unit."""
     kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
     if kind.startswith("tuple["):
         return split_list(raw)
+    unit = " of milliseconds" if field.name.endswith("_ms") else " of seconds" if field.name.endswith("_s") else ""
     try:
         if kind == "int":
             return int(raw)
         if kind == "float":
             return float(raw)
     except ValueError:
-        raise ConfigError(f"{source}: expected {'an integer' if kind == 'int' else 'a number'}, "
-                          f"got {raw!r}") from None
+        expected = f"a whole number{unit}" if kind == "int" else f"a number{unit}"
+        raise ValueError(f"expected {expected}, got {raw!r}") from None
     return raw
+
+
+def user_name(name: str, source: str) -> str:
+    """The name a user knows a setting by: the environment variable its value came from, the field name when it
+    was set in code, else its flag (a default is changed with the flag)."""
+    if source.startswith("env:"):
+        return source.removeprefix("env:").split(" + ")[0].replace(",", "/")
+    return name if source == "code" else flag_name(name)
+
+
+@contextmanager
+def named(sources: Mapping[str, str]) -> Iterator[None]:
+    """Within this block, problems name each setting by where its value came from (see `user_name`)."""
+    token = _naming.set(lambda name: user_name(name, sources.get(name, "default")))
+    try:
+        yield
+    finally:
+        _naming.reset(token)
+
+
+def unknown_environment(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One warning per FASTWORKER_* variable that names no setting (a typo is otherwise silently ignored), with the
+    closest real name when there is one."""
+    environ = os.environ if environ is None else environ
+    known = [env_name(field.name) for field in fields()] + list(OTHER_ENV)
+    warnings = []
+    for name in sorted(key for key in environ if key.startswith(ENV_PREFIX) and key not in known):
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        warnings.append(f"{name} is not a fastworker setting and is ignored{hint}")
+    return warnings
 
 
 def load_settings(
@@ -252,6 +343,7 @@ def load_settings(
     """Resolve every setting from flags (by field name, as text), the environment and the defaults.
 
     Returns the settings and, per field, where its value came from: `flag`, `env:NAME`, `code` or `default`.
+    A problem names each setting as the user set it: `--batch-size`, `FASTWORKER_BATCH_SIZE`, `REDIS_PORT`.
     """
     environ = os.environ if environ is None else environ
     flags = flags or {}
@@ -269,7 +361,8 @@ def load_settings(
             sources[name] = f"env:{env_name(name)}"
         elif name == "redis_url" and (app_url := url_from_app_env(environ)):
             values[name] = app_url
-            sources[name] = "env:REDIS_URL" if environ.get("REDIS_URL") else "env:REDIS_HOST..."
+            sources[name] = "env:" + ("REDIS_URL" if environ.get("REDIS_URL") else
+                                      ",".join(key for key in APP_ENV if environ.get(key)))
         else:
             sources[name] = "default"
     unknown = set(overrides) - {field.name for field in fields()}
@@ -279,7 +372,8 @@ def load_settings(
         default_url = next(field.default for field in fields() if field.name == "redis_url")
         values["redis_url"] = with_tls_ca(values.get("redis_url", default_url), environ[TLS_CA_ENV])
         sources["redis_url"] += f" + env:{TLS_CA_ENV}"
-    return Settings(**values), sources
+    with named(sources):
+        return Settings(**values), sources
 
 
 def with_tls_ca(url: str, ca_file: str) -> str:

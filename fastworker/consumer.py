@@ -90,6 +90,7 @@ class Consumer:
         self.stats = stats
         self.channel: Channel = streams.channel()
         self.stopping = asyncio.Event()
+        self.on_retry: Callable[[float], None] | None = None  # told the delay of the first retry a settlement parked
         self._reading = False
         self._recovering: list[str] = []  # streams whose own pending entries are still to recover, one at a time
         self._recover_from = "0"  # last id recovered of the first of them
@@ -140,9 +141,12 @@ class Consumer:
             return await self.dispatcher.dispatch(self.group, self.handlers, batch)
 
     def _settled(self, settlement: Settlement | None) -> None:
-        """Count what the server confirmed of `settlement`: at the end of its life, written or given up."""
+        """Count what the server confirmed of `settlement`, at the end of its life (written or given up), and tell
+        the reclaimer when the retries it parked are due."""
         if settlement is not None:
             self.stats.settled(settlement)
+            if settlement.retried_by_stream and settlement.earliest_retry_s is not None and self.on_retry:
+                self.on_retry(settlement.earliest_retry_s)
 
     def _reread_own_pending(self) -> None:
         if self._recovering:
@@ -212,7 +216,7 @@ class Consumer:
 
     def _decode(self, stream: str, entries: list[RawEntry], deliveries: int | dict[str, int]) -> list[Message]:
         handler = self.handlers[stream]
-        return decode_entries(stream, entries, deliveries, handler.payload, handler.payload_field)
+        return decode_entries(stream, entries, deliveries, handler.payload, handler.payload_field, handler.typed)
 
     async def _recreate_groups(self, error: NoGroupError) -> None:
         # The stream or group vanished (deleted, FLUSHALL, restart without persistence). Its PEL went with it,

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,7 @@ from fastworker.app import Dedup, Handler
 from fastworker.config import TIMEOUT_OVERSHOOT
 from fastworker.errors import FastworkerError, Reject, Retry
 from fastworker.message import Message, decode_record, encode_record
-from fastworker.policy import Action, decide
+from fastworker.policy import Action, Backoff, decide, retry_delay_s
 from fastworker.settlement import Settlement
 from fastworker.streams import Recorder, Streams
 
@@ -77,11 +78,13 @@ class Dispatcher:
     """Runs handlers with bounded concurrency; one per worker process, shared by its consumers."""
 
     def __init__(self, concurrency: int, handler_timeout_s: float, max_deliveries: int,
-                 dead_letter_suffix: str, streams: Streams | None = None) -> None:
+                 dead_letter_suffix: str, streams: Streams | None = None, backoff: Backoff | None = None) -> None:
         self.streams = streams  # for idempotency records (handlers with `dedup`)
         self.concurrency = concurrency
         self.handler_timeout_s = handler_timeout_s
         self.max_deliveries = max_deliveries
+        self.backoff = backoff or Backoff()  # for handlers that declare none
+        self._failures = FailureLog()
         self.dead_letter_suffix = dead_letter_suffix
         self._slots = asyncio.Semaphore(concurrency)
         self._executor: ThreadPoolExecutor | None = None
@@ -101,27 +104,30 @@ class Dispatcher:
             await asyncio.gather(*runs)
         return settlement
 
-    def _runnable(self, messages: list[Message], dead_stream: str, settlement: Settlement) -> list[Message]:
-        """The messages a handler may see; the undecodable and the exhausted are dead-lettered instead."""
-        limit = self.max_deliveries
+    def _runnable(self, handler: Handler, messages: list[Message], dead_stream: str,
+                  settlement: Settlement) -> list[Message]:
+        """The messages a handler may see; the undecodable, the unfit and the exhausted are dead-lettered instead."""
+        limit = handler.max_deliveries or self.max_deliveries
         # policy.exhausted(), inlined: a call per message costs more than the rest of this line
         unfit = [m for m in messages if m.error is not None or m.deliveries > limit]
         if not unfit:
             return messages
         for message in unfit:
             if message.error is None:
-                settlement.dead_letter(message, dead_stream, KILLED_WORKER, (
+                kind, why = KILLED_WORKER, (
                     f"delivered {message.deliveries} times and never settled: the worker handling it died (or lost "
-                    "the server) every time; it was handled alone after the first, so it is the one to blame"))
+                    "the server) every time; it was handled alone after the first, so it is the one to blame")
             else:
-                kind = "EntryDeleted" if not message.raw_fields else "DecodeError"
-                settlement.dead_letter(message, dead_stream, kind, message.error)
+                kind = "EntryDeleted" if not message.raw_fields else message.error_class
+                why = message.error
+            settlement.dead_letter(message, dead_stream, kind, why)
+            self._failures.seen(handler.name, message, kind, why, None, logging.WARNING)
         dead = set(map(id, unfit))
         return [m for m in messages if id(m) not in dead]
 
     async def _stream(self, handler: Handler, messages: list[Message], settlement: Settlement) -> None:
         dead_stream = handler.stream + self.dead_letter_suffix
-        runnable = self._runnable(messages, dead_stream, settlement)
+        runnable = self._runnable(handler, messages, dead_stream, settlement)
         func = handler.func
         records: list[tuple[Message, asyncio.Future[None]]] = []
         if handler.dedup is not None and runnable:
@@ -136,20 +142,27 @@ class Dispatcher:
         if not any(outcomes):  # the common case: everything succeeded
             settlement.ack_all(handler.stream, runnable)
             return
-        failures = []
+        self._settle_failures(handler, runnable, outcomes, dead_stream, settlement)
+
+    def _settle_failures(self, handler: Handler, runnable: list[Message], outcomes: list[Outcome],
+                         dead_stream: str, settlement: Settlement) -> None:
+        """Acknowledge the successes; dead-letter or park for a retry (with its backoff delay) each failure."""
+        limit = handler.max_deliveries or self.max_deliveries
+        backoff = handler.retry or self.backoff
         for message, outcome in zip(runnable, outcomes, strict=True):
             if outcome is None:
                 settlement.ack(message)
                 continue
-            action = decide(outcome, message.deliveries, self.max_deliveries)
-            failures.append((message, outcome, action))
+            action = decide(outcome, message.deliveries, limit, handler.dead_on)
+            reason = outcome.reason if isinstance(outcome, Reject | Retry) else str(outcome)
+            kind = type(outcome).__name__
             if action is Action.DEAD:
-                reason = outcome.reason if isinstance(outcome, Reject) else str(outcome)
-                settlement.dead_letter(message, dead_stream, type(outcome).__name__, reason)
+                settlement.dead_letter(message, dead_stream, kind, reason, _traceback(outcome))
             else:
-                settlement.retry(message)
-        if failures:
-            _log_failures(handler, failures)
+                settlement.retry(message, retry_delay_s(outcome, message.deliveries, backoff))
+            expected = isinstance(outcome, Retry | Reject)
+            self._failures.seen(handler.name, message, kind, reason, None if expected else outcome,
+                                logging.INFO if expected else logging.WARNING, action)
 
     async def _run(self, handler: Handler, func: Callable[..., Any], messages: list[Message]) -> list[Outcome]:
         if handler.batch:
@@ -232,7 +245,7 @@ class Dispatcher:
             logger.warning("idempotency records unreadable stream=%s (%s); %d entries left pending",
                            handler.stream, exc, len(messages))
             for message in messages:
-                settlement.retry(message)
+                settlement.retry(message, self.backoff.delay_s(message.deliveries))
             return []
         fresh, seen = [], set()
         for message, key, record in zip(messages, keys, records, strict=True):
@@ -240,7 +253,7 @@ class Dispatcher:
                 seen.add(key)
                 fresh.append(message)
             elif record is None:  # a twin in this very batch: it comes back after claim idle, and is skipped then
-                settlement.retry(message)
+                settlement.retry(message, self.backoff.delay_s(message.deliveries))
             else:
                 try:
                     worker_id, outputs = decode_record(record)
@@ -479,16 +492,30 @@ class _SyncJob:
             return self.current
 
 
-def _log_failures(handler: Handler, failures: list[tuple[Message, BaseException, Action]]) -> None:
-    """One line per batch, not per message: an outage downstream must not turn into a log flood."""
-    message, error, _ = failures[0]
-    dead = sum(action is Action.DEAD for _, _, action in failures)
-    expected = all(isinstance(e, Retry | Reject) for _, e, _ in failures)
-    logger.log(logging.INFO if expected else logging.WARNING,
-               "%d handler failures handler=%s stream=%s retried=%d dead=%d first: id=%s deliveries=%d %s: %s",
-               len(failures), handler.name, message.stream, len(failures) - dead, dead, message.id,
-               message.deliveries, type(error).__name__, error)
-    if logger.isEnabledFor(logging.DEBUG):
-        for message, error, action in failures:
-            logger.debug("handler failed id=%s deliveries=%d action=%s", message.id, message.deliveries,
-                         action.value, exc_info=error)
+def _traceback(error: BaseException) -> str:
+    return "".join(traceback.format_exception(error))
+
+
+class FailureLog:
+    """Failures in the log where people look, without a flood: the first failure of each (handler, error class)
+    is logged at once (with its traceback when it was not an expected Retry or Reject), then at most one line per
+    LOG_EVERY_S with how many more there were, so an outage downstream is one line a minute, not one per message."""
+
+    LOG_EVERY_S = 60.0
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, str], tuple[float, int]] = {}  # (handler, class) -> (last logged, not logged)
+
+    def seen(self, handler: str, message: Message, kind: str, reason: str, error: BaseException | None, level: int,
+             action: Action = Action.DEAD) -> None:
+        key = (handler, kind)
+        now = time.monotonic()
+        last, quiet = self._last.get(key, (None, 0))
+        if last is not None and now - last < self.LOG_EVERY_S:
+            self._last[key] = (last, quiet + 1)
+            return
+        self._last[key] = (now, 0)
+        more = f" ({quiet} more since the last line)" if quiet else ""
+        logger.log(level, "handler %s failed%s: %s: %s stream=%s id=%s deliveries=%d -> %s", handler, more, kind,
+                   reason, message.stream, message.id, message.deliveries, action.value,
+                   exc_info=error if error is not None and error.__traceback__ is not None else None)

@@ -106,14 +106,24 @@ class Reject(FastworkerError):
 
 
 class Retry(FastworkerError):
-    """Raised by a handler: leave the message pending so that it is retried after the claim idle time.
+    """Raised by a handler: retry the message later, after `delay_s` seconds if given (e.g. an HTTP 429's
+    Retry-After), else after the handler's backoff delay for this attempt.
 
-    Any other exception has the same effect; `Retry` only marks it as expected (logged at INFO, not ERROR).
+    Any other exception retries too (unless the handler's `dead_on` names it); `Retry` marks the failure as expected
+    (logged at INFO, without a traceback) and may choose the delay. Delays are capped at MAX_RETRY_DELAY_S.
     """
 
-    def __init__(self, reason: str = "retry requested by handler") -> None:
+    def __init__(self, reason: str = "retry requested by handler", *, delay_s: float | None = None) -> None:
+        if delay_s is not None and not delay_s >= 0:
+            raise ValueError(f"Retry delay_s must be a number of seconds >= 0, got {delay_s!r}")
         super().__init__(reason)
         self.reason = reason
+        self.delay_s = delay_s
+
+
+class PayloadInvalid(FastworkerError):
+    """An entry's payload does not fit the type its handler declared. Dead-lettered at its first delivery: no
+    retry can make it fit. The message names the field path, e.g. `$.params.days: expected int, got str`."""
 
 
 class CrashLoop(FastworkerError):

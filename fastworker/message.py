@@ -8,9 +8,13 @@ exactly as the server sent it (bytes), so a dead letter carries the original fie
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Generic, Literal
 
 import orjson
+from typing_extensions import TypeVar
+
+if TYPE_CHECKING:
+    from fastworker.payloads import PayloadType
 
 loads = orjson.loads
 
@@ -22,19 +26,22 @@ DEFAULT_PAYLOAD_FIELD = "data"
 # when the entry was deleted while it was pending.
 RawEntry = list[Any]
 FieldValue = str | bytes | int | float
+PayloadT = TypeVar("PayloadT", default=Any)
 
 
-class Message:
+class Message(Generic[PayloadT]):
     """One stream entry: where it came from, its raw fields, the decoded payload and its delivery count.
 
-    A handler may call `emit()` to publish results; they are written in the same settle step that acknowledges
-    this entry, and only if the handler succeeded.
+    `payload` is the JSON document (or the flat fields as str) for an untyped handler, and an instance of the
+    declared type for a handler annotated `msg: Message[AnalysisJob]` (see `fastworker.payloads`). A handler may
+    call `emit()` to publish results; they are written in the same settle step that acknowledges this entry, and
+    only if the handler succeeded.
     """
 
-    __slots__ = ("deliveries", "error", "outputs", "payload", "raw_fields", "raw_id", "stream")
+    __slots__ = ("deliveries", "error", "error_class", "outputs", "payload", "raw_fields", "raw_id", "stream")
 
-    def __init__(self, stream: str, entry_id: str | bytes, raw_fields: list[bytes], payload: Any, deliveries: int,
-                 error: str | None = None) -> None:
+    def __init__(self, stream: str, entry_id: str | bytes, raw_fields: list[bytes], payload: PayloadT,
+                 deliveries: int, error: str | None = None, error_class: str = "DecodeError") -> None:
         self.stream = stream
         # Kept as the server sent it: decoded only when someone asks, and acked as is.
         self.raw_id = entry_id
@@ -42,6 +49,7 @@ class Message:
         self.payload = payload
         self.deliveries = deliveries
         self.error = error
+        self.error_class = error_class  # why an entry with an error cannot be handled: DecodeError, PayloadInvalid
         self.outputs: list[tuple[str, list[FieldValue]]] | None = None
 
     @property
@@ -58,10 +66,11 @@ class Message:
 
     def emit(self, stream: str, payload: Any = None, *, fields: Mapping[str, FieldValue] | None = None) -> None:
         """Publish a result to `stream` when this message is acknowledged: `payload` as JSON in the `data`
-        field (the app's convention) and/or flat `fields`."""
+        field (the app's convention; a dict, a dataclass, a msgspec Struct or a pydantic model) and/or flat
+        `fields`. Raises TypeError for a payload that cannot be written as JSON."""
         flat: list[FieldValue] = []
         if payload is not None:
-            flat += [DEFAULT_PAYLOAD_FIELD, orjson.dumps(payload)]
+            flat += [DEFAULT_PAYLOAD_FIELD, orjson.dumps(payload, default=_to_builtins)]
         for key, value in (fields or {}).items():
             flat += [key, value]
         if not flat:
@@ -73,6 +82,12 @@ class Message:
     def __repr__(self) -> str:
         state = f" error={self.error!r}" if self.error else ""
         return f"<Message {self.stream} {self.id} deliveries={self.deliveries}{state}>"
+
+
+def _to_builtins(value: Any) -> Any:
+    from fastworker.payloads import to_builtins
+
+    return to_builtins(value)
 
 
 def text(value: bytes | str) -> str:
@@ -110,13 +125,17 @@ def decode_payload(raw: list[bytes], mode: PayloadMode, field: bytes) -> tuple[A
 
 
 def decode_entries(stream: str, entries: Iterable[RawEntry], deliveries: int | Mapping[str, int],
-                   mode: PayloadMode = "auto", field: str = DEFAULT_PAYLOAD_FIELD) -> list[Message]:
+                   mode: PayloadMode = "auto", field: str = DEFAULT_PAYLOAD_FIELD,
+                   typed: PayloadType | None = None) -> list[Message]:
     """Decode one stream's raw entries into messages, in order.
 
     `deliveries` is the delivery count of every entry (1 for fresh reads) or a mapping from entry id to count
     (history reads and claims, where the server's PEL knows it). An entry with no fields was deleted while it was
-    pending: it becomes a message with an error, since there is nothing left to handle.
+    pending: it becomes a message with an error, since there is nothing left to handle. With `typed`, payloads are
+    built as that type, and one that does not fit becomes a message with a PayloadInvalid error.
     """
+    if typed is not None:
+        return _decode_typed(stream, entries, deliveries, mode, field, typed)
     field_bytes = field.encode()
     messages: list[Message] = []
     append = messages.append
@@ -138,6 +157,36 @@ def decode_entries(stream: str, entries: Iterable[RawEntry], deliveries: int | M
             continue
         payload, error = decode_payload(sent, mode, field_bytes)
         append(Message(stream, entry_id, sent, payload, count, error))
+    return messages
+
+
+def _decode_typed(stream: str, entries: Iterable[RawEntry], deliveries: int | Mapping[str, int], mode: PayloadMode,
+                  field: str, typed: PayloadType) -> list[Message]:
+    from fastworker.errors import PayloadInvalid
+    from fastworker.payloads import DecodeFailed
+
+    field_bytes = field.encode()
+    from_json = typed.from_json
+    messages: list[Message] = []
+    for entry_id, sent in entries:
+        count = deliveries if isinstance(deliveries, int) else deliveries.get(text(entry_id), 1)
+        if not sent:
+            messages.append(Message(stream, entry_id, [], None, count, "entry deleted before it was handled"))
+            continue
+        try:
+            document = _field_value(sent, field_bytes) if mode != "fields" else None
+            if document is not None:
+                payload = from_json(document)
+            elif mode == "json":
+                raise DecodeFailed(f"missing payload field {field!r}")
+            else:
+                payload = typed.from_fields({text(k): text(v) for k, v in zip(sent[::2], sent[1::2], strict=True)})
+        except PayloadInvalid as exc:
+            messages.append(Message(stream, entry_id, sent, None, count, f"{typed.name}: {exc}", "PayloadInvalid"))
+        except (DecodeFailed, UnicodeDecodeError, ValueError) as exc:
+            messages.append(Message(stream, entry_id, sent, None, count, f"{exc}"))
+        else:
+            messages.append(Message(stream, entry_id, sent, payload, count))
     return messages
 
 

@@ -26,10 +26,19 @@ from fastworker.message import FieldValue, Message
 Command = tuple[FieldValue, ...]
 Output = tuple[str, list[FieldValue]]
 
-# A failed entry is moved (XCLAIM ... JUSTID: no delivery counted, idle time reset) to this consumer of its group.
-# Its pending entries are retries waiting for their delay, so any entry pending elsewhere and idle past claim idle
-# had no verdict at all: its worker died (or hung) while handling it, and it is recovered in isolation.
+# A failed entry is parked on this consumer of its group (XCLAIM ... JUSTID: no delivery counted), and its due time
+# goes into a sorted set next to its stream (`retry_key`), both by PARK_SCRIPT in the settle step. The retry schedule
+# thus lives on the server: a crash or a restart neither loses a due retry nor resets its backoff (the PEL's delivery
+# counter is the attempt number). Any entry pending elsewhere and idle past claim idle had no verdict at all: its
+# worker died (or hung) while handling it, and it is recovered in isolation.
 RETRY_CONSUMER = "fastworker.retry"
+TRACEBACK_MAX_CHARS = 8192  # a dead letter keeps the end of the last failure's traceback: the innermost frames
+
+
+def retry_key(stream: str, group: str) -> str:
+    """The sorted set of `group`'s retries of `stream`: entry id -> due time (server clock, ms since the epoch).
+    It starts with the stream's name, so it shares its hash tag and its ACL key pattern."""
+    return f"{stream}:fw-retry:{group}"
 
 # Lua's unpack() stops at about 8,000 values (measured: 7,999 on Valkey 9.1 and Redis 7.0). An output with more
 # field values than this goes through the transaction instead of the script.
@@ -100,6 +109,64 @@ return 0
 """
 
 
+# Parks failed entries for their retry, all or nothing: each is moved to RETRY_CONSUMER and its due time (the
+# server's clock plus its delay) added to the retry set. An entry no longer pending (settled elsewhere meanwhile)
+# is skipped. KEYS: the stream, its retry set. ARGV: group, RETRY_CONSUMER, then per entry: id, delay in ms.
+# Returns the number parked.
+PARK_SCRIPT = """
+if not redis.acl_check_cmd('XCLAIM', KEYS[1], ARGV[1], ARGV[2], '0', '0-1', 'JUSTID') then
+  return redis.error_reply('NOPERM this user may not XCLAIM on ' .. KEYS[1])
+end
+if not redis.acl_check_cmd('ZADD', KEYS[2], '0', 'm') then
+  return redis.error_reply('NOPERM this user may not ZADD to ' .. KEYS[2])
+end
+local kind = redis.call('TYPE', KEYS[2])['ok']
+if kind ~= 'zset' and kind ~= 'none' then
+  return redis.error_reply('WRONGTYPE ' .. KEYS[2] .. ' holds a ' .. kind .. ', not the retry schedule (a zset)')
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local parked = 0
+for i = 3, #ARGV, 2 do
+  if #redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID') == 1 then
+    redis.call('ZADD', KEYS[2], now + tonumber(ARGV[i + 1]), ARGV[i])
+    parked = parked + 1
+  end
+end
+return parked
+"""
+
+
+# Hands out the due retries of one stream, atomically (so that two reclaimers never take the same one): takes up
+# to `count` ids due by the server's clock off the retry set and claims each into the reclaimer's consumer if it is
+# still parked on RETRY_CONSUMER (a delivery is counted). KEYS: the stream, its retry set. ARGV: group,
+# RETRY_CONSUMER, claimer, count. Returns {claimed entries, their delivery counts, ids deleted from the stream
+# while parked, ms until the next retry is due or -1 when none is left}.
+TAKE_DUE_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[4]))
+local entries, counts, gone = {}, {}, {}
+for _, id in ipairs(due) do
+  redis.call('ZREM', KEYS[2], id)
+  local row = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  if #row == 1 and row[1][2] == ARGV[2] then
+    local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, id)
+    if #claimed == 1 then
+      entries[#entries + 1] = claimed[1]
+      counts[#counts + 1] = row[1][4] + 1
+    else
+      gone[#gone + 1] = id
+    end
+  end
+end
+local next_due = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+local wait = -1
+if #next_due == 2 then wait = math.max(0, tonumber(next_due[2]) - now) end
+return {entries, counts, gone, wait}
+"""
+
+
 class Record:
     """An entry whose ack carries outputs: results, or its dead letter."""
 
@@ -136,14 +203,15 @@ class Settlement:
     the entries with small outputs), and the counts the server confirmed."""
 
     __slots__ = ("_retries", "_steps", "acked_by_stream", "acks", "claimed", "dead_by_stream",
-                 "deduplicated_by_stream", "deleted_by_stream", "forgotten", "group", "received", "records",
-                 "retried_by_stream", "skipped", "timings")
+                 "deduplicated_by_stream", "deleted_by_stream", "earliest_retry_s", "forgotten", "group", "received",
+                 "records", "retried_by_stream", "skipped", "timings")
 
     def __init__(self, group: str) -> None:
         self.group = group
         self.acks: dict[str, list[str | bytes]] = {}  # handled, nothing to publish
         self.records: list[Record] = []  # handled with results, or dead-lettered
-        self._retries: dict[str, list[str | bytes]] = {}  # failed, to be retried: moved to RETRY_CONSUMER
+        self._retries: dict[str, list[tuple[str | bytes, int]]] = {}  # failed: (id, delay ms), parked for a retry
+        self.earliest_retry_s: float | None = None  # the shortest retry delay in this settlement
         self.forgotten: dict[str, list[str | bytes]] = {}  # deleted while pending: acked, counted as deleted
         self.received: dict[str, int] = {}  # entries read, per stream
         self.claimed = False  # read by the reclaimer
@@ -172,20 +240,26 @@ class Settlement:
         else:
             self.acks.setdefault(stream, []).extend([message.raw_id for message in messages])
 
-    def dead_letter(self, message: Message, dead_stream: str, error_class: str, error: str) -> None:
-        """Move `message` to `dead_stream`: its original fields plus where it came from and why it died."""
+    def dead_letter(self, message: Message, dead_stream: str, error_class: str, error: str,
+                    traceback: str | None = None) -> None:
+        """Move `message` to `dead_stream`: its original fields plus where it came from and why it died (and the
+        end of the last failure's traceback, when there was one)."""
         fields: list[FieldValue] = list(message.raw_fields)
         fields += [
             "fw:stream", message.stream, "fw:group", self.group, "fw:id", message.id,
             "fw:deliveries", message.deliveries, "fw:error_class", error_class, "fw:error", error[:4096],
             "fw:dead_at_ms", int(time.time() * 1000),
         ]
+        if traceback:
+            fields += ["fw:traceback", traceback[-TRACEBACK_MAX_CHARS:]]
         self.records.append(Record(message.stream, message.raw_id, [(dead_stream, fields)], True))
 
-    def retry(self, message: Message) -> None:
-        """Leave `message` pending for a retry: it moves to the group's RETRY_CONSUMER, whose entries the reclaimer
-        hands out again once they have been idle for the retry delay."""
-        self._retries.setdefault(message.stream, []).append(message.raw_id)
+    def retry(self, message: Message, delay_s: float) -> None:
+        """Leave `message` pending for a retry in `delay_s` seconds: it is parked on the group's RETRY_CONSUMER
+        with its due time in the retry set, and the reclaimer hands it out again when it is due."""
+        self._retries.setdefault(message.stream, []).append((message.raw_id, int(delay_s * 1000)))
+        if self.earliest_retry_s is None or delay_s < self.earliest_retry_s:
+            self.earliest_retry_s = delay_s
 
     def deleted(self, stream: str, ids: Sequence[str | bytes]) -> None:
         """Entries deleted while pending: acknowledge and count them."""
@@ -262,14 +336,21 @@ class Settlement:
                  for stream, ids in self.acks.items() if ids]
         steps += [Step("deleted", [("XACK", stream, group, *ids)], stream, ids)
                   for stream, ids in self.forgotten.items() if ids]
-        steps += [Step("retry", [("XCLAIM", stream, group, RETRY_CONSUMER, 0, *ids, "JUSTID")], stream, ids)
-                  for stream, ids in self._retries.items() if ids]
+        steps += [Step("retry", [park_script_call(group, stream, retries)], stream, [i for i, _ in retries])
+                  for stream, retries in self._retries.items() if retries]
         small = [record for record in self.records if not record.large]
         if small:
             steps.append(Step("script", [settle_script_call(group, small)], records=small))
         steps += [Step("large", large_output_transaction(group, record), records=[record])
                   for record in self.records if record.large]
         return steps
+
+
+def park_script_call(group: str, stream: str, retries: Sequence[tuple[str | bytes, int]]) -> Command:
+    args: list[FieldValue] = [group, RETRY_CONSUMER]
+    for entry_id, delay_ms in retries:
+        args += [entry_id, delay_ms]
+    return ("EVAL", PARK_SCRIPT, 2, stream, retry_key(stream, group), *args)
 
 
 def settle_script_call(group: str, records: Sequence[Record]) -> Command:

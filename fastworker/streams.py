@@ -42,7 +42,7 @@ from fastworker.errors import (
     SettleRefused,
 )
 from fastworker.message import RawEntry, text
-from fastworker.settlement import Command, Settlement
+from fastworker.settlement import RETRY_CONSUMER, TAKE_DUE_SCRIPT, Command, Settlement, retry_key
 
 logger = logging.getLogger(__name__)
 
@@ -225,6 +225,30 @@ class Channel:
         if isinstance(replies[-1], Exception):
             raise translate(replies[-1], self._url)
         return [entry for entry in replies[-1] if entry]
+
+    async def take_due(self, stream: str, group: str, claimer: str, count: int
+                       ) -> tuple[list[RawEntry], dict[str, int], list[str], float | None]:
+        """Claim up to `count` retries of `stream` that are due into `claimer` (TAKE_DUE_SCRIPT): (entries, their
+        delivery counts by id, ids deleted while parked, seconds until the next retry is due or None)."""
+        reply = (await self.roundtrip([("EVAL", TAKE_DUE_SCRIPT, 2, stream, retry_key(stream, group), group,
+                                        RETRY_CONSUMER, claimer, count)]))[0]
+        entries, counts, gone, wait = reply
+        deliveries = {text(entry[0]): int(n) for entry, n in zip(entries, counts, strict=True)}
+        return entries, deliveries, [text(i) for i in gone], (None if int(wait) < 0 else int(wait) / 1000)
+
+    async def consumers(self, stream: str, group: str) -> list[tuple[str, int]]:
+        """(name, pending count) of every consumer of `group` (XINFO CONSUMERS)."""
+        rows = (await self.roundtrip([("XINFO", "CONSUMERS", stream, group)]))[0]
+        found = []
+        for row in rows:
+            info = row if isinstance(row, dict) else dict(zip(row[::2], row[1::2], strict=True))
+            found.append((text(info[b"name"]), int(info[b"pending"])))
+        return found
+
+    async def unscheduled(self, stream: str, group: str, ids: Sequence[str | bytes]) -> list[str | bytes]:
+        """Which of `ids` have no due time in the group's retry set (ZMSCORE)."""
+        scores = (await self.roundtrip([("ZMSCORE", retry_key(stream, group), *ids)]))[0]
+        return [entry_id for entry_id, score in zip(ids, scores, strict=True) if score is None]
 
     async def existing(self, stream: str, ids: Sequence[str | bytes]) -> set[str]:
         """Which of `ids` are still in the stream (one XRANGE per id, in one round trip)."""

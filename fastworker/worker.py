@@ -52,7 +52,8 @@ class Worker:
         """
         streams = Streams(self.settings)
         dispatcher = Dispatcher(self.settings.concurrency, self.settings.handler_timeout_s,
-                                self.settings.max_deliveries, self.settings.dead_letter_suffix, streams)
+                                self.settings.max_deliveries, self.settings.dead_letter_suffix, streams,
+                                self.settings.backoff())
         outage = Outage("worker start-up")
         try:
             while True:
@@ -84,6 +85,8 @@ class Worker:
         self.consumers = [Consumer(streams, dispatcher, self.settings, group, handlers, name, self.stats)
                           for group, handlers in groups.items() for name in self.names]
         self.reclaimer = Reclaimer(streams, dispatcher, self.settings, groups, f"{self.names[0]}.claim", self.stats)
+        for consumer in self.consumers:
+            consumer.on_retry = self.reclaimer.retry_parked
         loops: list[Consumer | Reclaimer] = [*self.consumers, self.reclaimer]
         self._tasks = [asyncio.create_task(loop.run(), name=f"fastworker:{type(loop).__name__}") for loop in loops]
         for task in self._tasks:
