@@ -8,11 +8,13 @@ from fastworker.errors import (
     ExitCode,
     FastworkerError,
     RedisAuthError,
+    PayloadInvalid,
     RedisUnavailable,
     Reject,
     Retry,
 )
 from fastworker.message import Message
+from fastworker.policy import Backoff
 from fastworker.publisher import Entry, PayloadError, Publisher, StreamTypeError, SyncPublisher
 from fastworker.server import EmbeddedServer
 from fastworker.worker import Worker, run
@@ -22,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "App",
     "AppImportError",
+    "Backoff",
     "ConfigError",
     "Dedup",
     "EmbeddedServer",
@@ -31,6 +34,7 @@ __all__ = [
     "Handler",
     "Message",
     "PayloadError",
+    "PayloadInvalid",
     "Publisher",
     "RedisAuthError",
     "RedisUnavailable",
