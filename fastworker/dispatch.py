@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 import time
 import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastworker.app import Dedup, Handler
@@ -87,10 +87,9 @@ class Dispatcher:
         self._failures = FailureLog()
         self.dead_letter_suffix = dead_letter_suffix
         self._slots = asyncio.Semaphore(concurrency)
-        self._executor: ThreadPoolExecutor | None = None
+        self._threads = HandlerThreads()
         self._recorder: Recorder | None = None  # idempotency records, for handlers with dedup
         self._lanes: set[_Lane] = set()
-        self._abandoned = 0  # pool threads left stuck in a call past the timeout
         self._watchdog: asyncio.TimerHandle | None = None
 
     async def dispatch(self, group: str, handlers: Mapping[str, Handler],
@@ -372,9 +371,8 @@ class Dispatcher:
 
     async def _sync_lane(self, func: Callable[[Message], Any], queue: deque[tuple[int, Message]],
                          outcomes: list[Outcome], jobs: list[_SyncJob], name: str) -> None:
-        """One pool job at a time takes messages from `queue` until it is empty. A call past the timeout is charged
+        """One thread job at a time takes messages from `queue` until it is empty. A call past the timeout is charged
         alone: its thread is abandoned (a thread cannot be interrupted) and a new job goes on with the queue."""
-        loop = asyncio.get_running_loop()
         async with self._slots:
             lane = _Lane(asyncio.current_task(), name)
             self._watch(lane)
@@ -384,7 +382,7 @@ class Dispatcher:
                     jobs.append(job)
                     lane.started = False
                     try:
-                        await loop.run_in_executor(self._pool(), job.run)
+                        await self._threads.run(job.run)
                     except asyncio.CancelledError:
                         late = job.abandon()
                         if not lane.expired or lane.cancelled_by_others():
@@ -392,7 +390,6 @@ class Dispatcher:
                         timeout = lane.clear_expiry(self.handler_timeout_s)
                         if late is not None:
                             outcomes[late] = timeout
-                        self._thread_abandoned()
             finally:
                 self._lanes.discard(lane)
 
@@ -406,38 +403,75 @@ class Dispatcher:
                     async with asyncio.timeout(self.handler_timeout_s):
                         result = await handler.func(messages)
                 else:
-                    result = await asyncio.wait_for(
-                        asyncio.get_running_loop().run_in_executor(self._pool(), handler.func, messages),
-                        self.handler_timeout_s * TIMEOUT_OVERSHOOT)
+                    result = await asyncio.wait_for(self._threads.run(lambda: handler.func(messages)),
+                                                    self.handler_timeout_s * TIMEOUT_OVERSHOOT)
             except Exception as exc:  # user code
                 return [exc] * len(messages)
         if isinstance(result, Mapping):
             return [result.get(message.id) for message in messages]
         return [None] * len(messages)
 
-    def _pool(self) -> ThreadPoolExecutor:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="fastworker-handler")
-        return self._executor
-
-    def _thread_abandoned(self) -> None:
-        """A pool thread is stuck in a handler call for good: once half the pool is, start a fresh pool (the old
-        one's threads end as their calls do) so that lanes are not left waiting for a free thread."""
-        self._abandoned += 1
-        if self._executor is not None and self._abandoned >= max(1, self.concurrency // 2):
-            logger.warning("%d handler threads are stuck past the handler timeout; starting a new thread pool",
-                           self._abandoned)
-            self._executor.shutdown(wait=False)
-            self._executor = None
-            self._abandoned = 0
-
-
     def close(self) -> None:
         # Never join user threads on the event loop: the drain has waited as long as it may, and a thread that is
         # still running (a sync handler past its timeout) must not hold the process after the grace period.
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        self._threads.close()
+
+
+class HandlerThreads:
+    """Threads for sync handlers: a job starts at once, on an idle thread or a new one.
+
+    Not a fixed-size pool: a thread stuck in a call past the timeout is abandoned by its lane, and a fixed pool
+    whose threads are all stuck would queue every later job behind them for good. The lanes' semaphore already
+    bounds how many jobs run at once, so the threads are `concurrency` plus those stuck; a stuck thread that
+    finally returns becomes idle again. Threads are daemons: a process never waits for them to exit.
+    """
+
+    def __init__(self) -> None:
+        self._idle: list[queue.SimpleQueue[tuple[Callable[[], Any], asyncio.Future[Any]] | None]] = []
+        self._all: list[queue.SimpleQueue[tuple[Callable[[], Any], asyncio.Future[Any]] | None]] = []
+
+    def run(self, func: Callable[[], Any]) -> asyncio.Future[Any]:
+        """Run `func` in a thread now; its result (or exception) on the returned future."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Any] = loop.create_future()
+        if self._idle:
+            inbox = self._idle.pop()
+        else:
+            inbox = queue.SimpleQueue()
+            self._all.append(inbox)
+            threading.Thread(target=self._serve, args=(inbox, loop), name=f"fastworker-handler-{len(self._all)}",
+                             daemon=True).start()
+        inbox.put((func, done))
+        return done
+
+    def _serve(self, inbox: queue.SimpleQueue[tuple[Callable[[], Any], asyncio.Future[Any]] | None],
+               loop: asyncio.AbstractEventLoop) -> None:
+        while (job := inbox.get()) is not None:
+            func, done = job
+            try:
+                result, error = func(), None
+            except BaseException as exc:  # handed to the loop, which decides
+                result, error = None, exc
+            try:
+                loop.call_soon_threadsafe(self._finished, inbox, done, result, error)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                return
+
+    def _finished(self, inbox: queue.SimpleQueue[tuple[Callable[[], Any], asyncio.Future[Any]] | None],
+                  done: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+        self._idle.append(inbox)
+        if done.cancelled():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)
+
+    def close(self) -> None:
+        for inbox in self._all:
+            inbox.put(None)  # an idle thread ends now, a busy one after its call
+        self._idle.clear()
+        self._all.clear()
 
 
 class _SyncJob:
