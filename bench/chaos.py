@@ -95,28 +95,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 MIN_GAP_S = 0.5  # between the end of one fault and the start of the next
 
 
-def fault_plan(args: argparse.Namespace) -> tuple[float, list[tuple[float, str]]]:
-    """(the publishing rate, the faults as (seconds after the start, kind) in time order).
+LANES = (("worker_kill", "manager_kill"), ("server_kill", "pause", "cut", "delay"))
+Plan = list[list[tuple[float, str]]]
 
-    Faults run one at a time, in random order, separated by random gaps (at least MIN_GAP_S) within 5% to 90% of
-    the window, so they never pile up behind a long one. Without --rate, the rate is lowered when needed so that
-    publishing lasts at least twice what the faults take: most of them land while jobs are flowing.
+
+def fault_plan(args: argparse.Namespace) -> tuple[float, Plan]:
+    """(the publishing rate, the faults of each lane as (seconds after the start, kind) in time order).
+
+    Two lanes run side by side, as in the field, where a process dies whatever the server is doing: process faults
+    (worker and manager kills) and server faults (kills, pauses, cuts, delay). Within a lane faults run one at a
+    time, in random order, separated by random gaps (at least MIN_GAP_S) within 5% to 90% of the window, so they
+    never pile up behind a long one. Without --rate, the rate is lowered when needed so that publishing lasts at
+    least twice what the busiest lane takes: most faults land while jobs are flowing.
     """
     counts = {"worker_kill": args.worker_kills, "manager_kill": args.manager_kills,
               "server_kill": args.server_kills, "pause": args.pauses, "cut": args.cuts, "delay": args.delays}
     lasts = {"worker_kill": 0.1, "manager_kill": 0.1, "server_kill": 1.0, "pause": args.pause_s, "cut": 0.1,
              "delay": args.delay_s}  # about how long each takes, the server's restart included
     rng = random.Random(args.seed)
-    kinds = [kind for kind, count in counts.items() for _ in range(count)]
-    rng.shuffle(kinds)
-    busy_s = sum(lasts[kind] + MIN_GAP_S for kind in kinds)
+    lanes = [[kind for kind in lane for _ in range(counts[kind])] for lane in LANES]
+    for kinds in lanes:
+        rng.shuffle(kinds)
+    busy_s = max(sum(lasts[kind] + MIN_GAP_S for kind in kinds) for kinds in lanes)
     publish_s = args.jobs / args.rate if args.rate else max(args.jobs / 10_000, 2 * busy_s, 5.0)
     window_s = max(publish_s, busy_s / 0.85 + 1)
-    gaps = sorted(rng.uniform(0, 0.85 * window_s - busy_s) for _ in kinds)
-    plan, spent = [], 0.05 * window_s
-    for kind, gap in zip(kinds, gaps, strict=True):
-        plan.append((spent + gap, kind))
-        spent += lasts[kind] + MIN_GAP_S
+    plan: Plan = []
+    for kinds in lanes:
+        gaps = sorted(rng.uniform(0, 0.85 * window_s - sum(lasts[k] + MIN_GAP_S for k in kinds)) for _ in kinds)
+        spent = 0.05 * window_s
+        plan.append([])
+        for kind, gap in zip(kinds, gaps, strict=True):
+            plan[-1].append((spent + gap, kind))
+            spent += lasts[kind] + MIN_GAP_S
     return args.jobs / publish_s, plan
 
 
@@ -419,8 +429,12 @@ class Chaos:
         self.log.events.append(line)
         print(f"  fault: {line}", flush=True)
 
-    async def run(self, plan: list[tuple[float, str]]) -> None:
-        for at, kind in plan:  # the fault's planned time, or later when the one before it took longer
+    async def run(self, plan: Plan) -> None:
+        await asyncio.gather(*(self._lane(lane) for lane in plan))
+        await asyncio.gather(*self.watchers)
+
+    async def _lane(self, lane: list[tuple[float, str]]) -> None:
+        for at, kind in lane:  # the fault's planned time, or later when the one before it took longer
             wait = self.started + at - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
@@ -428,7 +442,6 @@ class Chaos:
                 self.log.skipped[kind] += 1
                 continue
             await getattr(self, kind)()
-        await asyncio.gather(*self.watchers)
 
     async def worker_kill(self) -> None:
         workers = await until(self.fleet.workers, 30)
@@ -536,7 +549,8 @@ class Outcome:
 
 async def run(args: argparse.Namespace, work: Path) -> tuple[Outcome, FaultLog, Fleet, dict[str, int]]:
     rate, plan = fault_plan(args)
-    print(f"publishing {args.jobs:,} jobs at {rate:,.0f}/s; {len(plan)} faults (seed {args.seed})", flush=True)
+    print(f"publishing {args.jobs:,} jobs at {rate:,.0f}/s; {sum(map(len, plan))} faults in {len(plan)} lanes "
+          f"(seed {args.seed})", flush=True)
     server = EmbeddedServer(data_dir=work / "server", appendonly=True, options={"appendfsync": args.fsync})
     server.start()
     jobs = Jobs(args.jobs, args.poison_rate, args.seed)
@@ -553,7 +567,7 @@ async def run(args: argparse.Namespace, work: Path) -> tuple[Outcome, FaultLog, 
 
 
 async def _run(args: argparse.Namespace, server: EmbeddedServer, proxy: ProxyProcess, fleet: Fleet, jobs: Jobs,
-               rate: float, plan: list[tuple[float, str]]) -> tuple[Outcome, FaultLog]:
+               rate: float, plan: Plan) -> tuple[Outcome, FaultLog]:
     outcome = Outcome()
     client = aioredis.Redis.from_url(server.url, socket_timeout=5, socket_connect_timeout=2)
     fleet.start()
