@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import socket
 from collections.abc import Callable, Iterator, Mapping
@@ -60,8 +61,7 @@ class Settings:
     concurrency: int = _field(64, help="handler calls in flight at once, per worker process")
     handler_timeout_s: float = _field(30.0, help="a handler call running longer has failed (cancelled within 1.5x)")
     shutdown_grace_s: float = _field(30.0, help="time to finish in-flight work after SIGTERM before leaving it")
-    socket_timeout_s: float = _field(10.0, help="socket timeout of every connection (a worker's must "
-                                     "exceed its block_ms by 1 s)")
+    socket_timeout_s: float = _field(10.0, help="socket timeout of every connection")
     dead_letter_suffix: str = _field(":dead", help="dead letters of stream S go to S + this suffix")
     group_start_id: str = _field("0", help="ID a missing group is created at: 0 (whole stream) or $ (new only)")
     processes: int = _field(help="worker processes (default: CPU count)", factory=_default_processes)
@@ -248,8 +248,9 @@ def env_name(field_name: str) -> str:
 
 
 APP_ENV = ("REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD", "REDIS_DB", "REDIS_USERNAME")
-# FASTWORKER_* variables that are not settings: the deploy files' app reference, the test server's binary.
-OTHER_ENV = ("FASTWORKER_APP", "FASTWORKER_SERVER_BIN")
+# FASTWORKER_* variables that are not settings: the deploy files' app reference, the test server's binary, the
+# dashboard's write token.
+OTHER_ENV = ("FASTWORKER_APP", "FASTWORKER_SERVER_BIN", "FASTWORKER_DASHBOARD_TOKEN")
 
 
 def url_from_app_env(environ: Mapping[str, str]) -> str | None:
@@ -296,8 +297,10 @@ def parse_text(field: dataclasses.Field[Any], raw: str) -> Any:
     try:
         if kind == "int":
             return int(raw)
+        if kind == "float" and math.isfinite(value := float(raw)):
+            return value
         if kind == "float":
-            return float(raw)
+            raise ValueError(raw)
     except ValueError:
         expected = f"a whole number{unit}" if kind == "int" else f"a number{unit}"
         raise ValueError(f"expected {expected}, got {raw!r}") from None

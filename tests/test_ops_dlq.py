@@ -102,7 +102,7 @@ def test_dlq_requeue_writes_original_fields_and_counts_requeues(server: Embedded
     stream = f"{uid}:jobs"
     first = dead_letter(r, stream, 0)
     second = dead_letter(r, stream, 1, requeues=2)
-    code, out, _ = cli(capsys, "dlq", "requeue", stream, "--redis-url", server.url)
+    code, out, _ = cli(capsys, "dlq", "requeue", stream, "--redis-url", server.url, "--yes")
     assert code == ExitCode.OK
     assert out.splitlines()[-1] == "2 requeued, 0 skipped"
     assert [fields for _, fields in r.xrange(stream)] == [
@@ -130,7 +130,7 @@ def test_dlq_requeue_skips_letters_of_deleted_entries(server: EmbeddedServer, r:
     stream = f"{uid}:jobs"
     deleted = dead_letter(r, stream, 0, "EntryDeleted", original={})
     dead_letter(r, stream, 1)
-    code, out, _ = cli(capsys, "dlq", "requeue", stream, "--redis-url", server.url)
+    code, out, _ = cli(capsys, "dlq", "requeue", stream, "--redis-url", server.url, "--yes")
     assert code == ExitCode.FAILURE
     assert f"skipped {deleted}: the entry was deleted from its stream before it was handled" in out
     assert ids_of(r, stream + ":dead") == [deleted]
@@ -156,7 +156,7 @@ def test_dlq_purge_with_yes_deletes_only_the_selection(server: EmbeddedServer, r
     code, out, _ = cli(capsys, "dlq", "purge", stream, "--redis-url", server.url, "--error-class", "DecodeError",
                        "--yes")
     assert code == ExitCode.OK
-    assert out == f"purged 2 dead letter(s) from {stream}:dead\n"
+    assert out == f"purged 2 dead letters from {stream}:dead\n"
     assert ids_of(r, stream + ":dead") == [kept]
 
 

@@ -69,7 +69,7 @@ def test_trim_removes_only_what_every_group_acknowledged(server: EmbeddedServer,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     stream = f"{uid}:jobs"
     ids = two_groups(r, stream)
-    code, out, _ = cli(capsys, "trim", stream, "--redis-url", server.url)
+    code, out, _ = cli(capsys, "trim", stream, "--redis-url", server.url, "--yes")
     assert code == ExitCode.OK
     assert out.splitlines()[0] == (f"removed 4 entries of {stream} below {ids[4]} "
                                    "(limited by: group b: entries after its last delivered id)")
@@ -83,7 +83,7 @@ def test_trim_json_reports_length_and_memory_freed(server: EmbeddedServer, r: re
     ids = add(r, stream, 3000)
     r.xgroup_create(stream, "g", id="0")
     read_and_ack(r, stream, "g", 2500, 2000)
-    code, out, _ = cli(capsys, "trim", stream, "--redis-url", server.url, "--json")
+    code, out, _ = cli(capsys, "trim", stream, "--redis-url", server.url, "--yes", "--json")
     doc = json.loads(out)
     assert code == ExitCode.OK
     assert (doc["minid"], doc["removed"], doc["length_before"], doc["length_after"]) == (ids[2000], 2000, 3000, 1000)
@@ -163,7 +163,7 @@ def test_trim_with_unknown_lag_keeps_undelivered_entries(server: EmbeddedServer,
     read_and_ack(r, stream, "g", 3, 3)
     r.xdel(stream, ids[4])  # undelivered: the group's lag becomes unknown
     assert r.xinfo_groups(stream)[0]["lag"] is None
-    code, _, _ = cli(capsys, "trim", stream, "--redis-url", server.url)
+    code, _, _ = cli(capsys, "trim", stream, "--redis-url", server.url, "--yes")
     assert code == ExitCode.OK
     assert ids_of(r, stream) == [ids[3], ids[5]]
 

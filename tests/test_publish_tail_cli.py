@@ -110,7 +110,7 @@ def test_publish_malformed_json_flag_is_a_usage_error(capsys: pytest.CaptureFixt
 def test_publish_without_input_says_what_to_give(capsys: pytest.CaptureFixture[str], server: EmbeddedServer,
                                                  uid: str) -> None:
     code, _, err = _cli(capsys, server, "publish", uid)
-    assert code == ExitCode.FAILURE
+    assert code == ExitCode.USAGE
     assert err.startswith("fastworker: error: nothing to publish") and err.count("\n") == 1
 
 

@@ -133,7 +133,7 @@ def test_load_settings_precedence_flag_over_env_over_default() -> None:
 
 
 def test_load_settings_names_the_bad_flag_value() -> None:
-    with pytest.raises(ConfigError, match="--block-ms: expected an integer, got 'soon'"):
+    with pytest.raises(ConfigError, match="--block-ms: expected a whole number of milliseconds, got 'soon'"):
         load_settings({"block_ms": "soon"}, {})
 
 

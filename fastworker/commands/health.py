@@ -12,8 +12,9 @@ import dataclasses
 import sys
 from typing import Any
 
-from fastworker.cli import settings_from_args
-from fastworker.commands.status import UsageError, add_common_flags, app_pairs, print_json, run_with_streams
+from fastworker.cli import number, settings_from_args
+from fastworker.commands.output import UsageError, print_json
+from fastworker.commands.status import add_common_flags, app_pairs, run_with_streams
 from fastworker.errors import ExitCode, FastworkerError
 from fastworker.ops.inspect import Health, check_health
 
@@ -30,8 +31,8 @@ def register(sub: Any) -> None:
                         help="with --group: require GROUP on STREAM (repeatable)")
     parser.add_argument("--group", action="append", default=[], metavar="GROUP",
                         help="a group required on every --stream (repeatable)")
-    parser.add_argument("--max-latency-ms", type=float, default=None, metavar="MS",
-                        help="unhealthy when PING takes longer than this")
+    parser.add_argument("--max-latency-ms", type=number(above=True, unit="milliseconds"), default=None, metavar="MS",
+                        help="unhealthy when PING takes longer than this many milliseconds (default: no limit)")
     add_common_flags(parser, "print one JSON object (also on failure)")
     parser.set_defaults(handler=health)
 

@@ -17,7 +17,7 @@ from typing import IO, Any
 import orjson
 import uvloop
 
-from fastworker.cli import add_connection_flags, settings_from_args
+from fastworker.cli import UsageError, add_connection_flags, settings_from_args
 from fastworker.errors import ExitCode, FastworkerError
 from fastworker.publisher import Publisher
 
@@ -77,9 +77,9 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     fields = dict(args.field)
     if args.file is None and args.json is None and not fields:
-        raise InputError("nothing to publish: give --json, --field or --file (--file - reads stdin)")
+        raise UsageError("nothing to publish: give --json, --field or --file (--file - reads stdin)")
     if args.check and args.file is None:
-        raise InputError("--check needs --file")
+        raise UsageError("--check needs --file")
     if args.check:
         with _open(args.file) as lines:
             print(sum(1 for _ in _payloads(lines, args.file, checking=True)))

@@ -11,7 +11,8 @@ import dataclasses
 from typing import Any
 
 from fastworker.cli import settings_from_args
-from fastworker.commands.status import UsageError, add_common_flags, print_json, run_with_streams
+from fastworker.commands.output import UsageError, print_json
+from fastworker.commands.status import add_common_flags, run_with_streams
 from fastworker.errors import ExitCode
 from fastworker.ops.inspect import parse_id
 from fastworker.ops.replay import ReplayPlan, ResetPlan, plan_replay, plan_reset, replay, reset_group

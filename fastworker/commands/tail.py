@@ -27,6 +27,7 @@ from fastworker.cli import add_connection_flags, settings_from_args
 from fastworker.config import Settings
 from fastworker.errors import ExitCode, FastworkerError
 from fastworker.message import DEFAULT_PAYLOAD_FIELD, RawEntry, text
+from fastworker.ops.inspect import require_stream, stream_exists
 from fastworker.publisher import explain
 from fastworker.streams import Channel, Streams
 
@@ -40,6 +41,7 @@ which entries:
   with --from ID, the first N entries at or after ID (ID: - for the start of the stream, MS or MS-SEQ).
   --follow then keeps printing every entry after the last one shown, as it arrives, until Ctrl-C or SIGTERM
   (exit code 0). --count 0 shows no history: with --follow, only entries that arrive from now on.
+  A stream that does not exist is an error (exit 1); with --follow, a note on stderr, then its first entries.
 
 output:
   one JSON object a line: {"id": ..., "fields": {...}, "payload": ...}. A `data` field holding valid JSON is
@@ -91,6 +93,7 @@ async def _tail(args: argparse.Namespace, settings: Settings) -> int:
     streams = Streams(settings)
     tail = Tail(streams, args.stream, sys.stdout.buffer, args.payload_field, settings.block_ms)
     try:
+        await _check_name(streams, args.stream, args.follow)
         if args.follow:
             return await _until_signalled(tail.follow(args.start, args.count))
         await tail.history(args.start, args.count)
@@ -98,6 +101,16 @@ async def _tail(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         await tail.aclose()
         await streams.aclose()
+
+
+async def _check_name(streams: Streams, stream: str, follow: bool) -> None:
+    """A stream that does not exist is an error (StreamNotFound, exit 1), unless following: then it is said on
+    stderr, and the first entry added to it is printed when it comes."""
+    if follow and not await stream_exists(streams, stream):
+        print(f"fastworker: stream {stream!r} does not exist yet: waiting for its first entry", file=sys.stderr,
+              flush=True)
+    elif not follow:
+        await require_stream(streams, stream)
 
 
 async def _until_signalled(work: Coroutine[Any, Any, None]) -> int:

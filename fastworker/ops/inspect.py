@@ -128,6 +128,7 @@ class StreamInfo:
     groups: list[GroupInfo]
     dead_letter_stream: str | None  # for a source stream: where its dead letters go
     dead_letters: int | None  # length of that stream (0 when it does not exist)
+    entries_added: int | None = None  # every entry ever added (XINFO STREAM entries-added; Redis 7+): rates
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +202,7 @@ async def inspect_stream(streams: Streams, name: str, dead_letter_suffix: str = 
     group_infos = await _groups(streams, name, groups, dead_after_ms, now_ms)
     return StreamInfo(name, True, is_dead, int(info["length"]), first_id, last_id, age_ms(first_id, now_ms),
                       age_ms(last_id, now_ms), None if isinstance(memory, Exception) else _int_or_none(memory),
-                      group_infos, dead_stream, dead_letters)
+                      group_infos, dead_stream, dead_letters, _int_or_none(info.get("entries-added")))
 
 
 def _failed(reply: Any, url: str) -> bool:
@@ -278,6 +279,26 @@ async def groups_info(streams: Streams, stream: str) -> list[dict[str, Any]] | N
             if "no such key" in str(exc).lower():
                 return None
             raise
+
+
+class StreamNotFound(FastworkerError):
+    """A stream named by the user does not exist (exit 1: a name that does not exist is a failure, not an empty
+    answer)."""
+
+
+async def stream_exists(streams: Streams, name: str) -> bool:
+    with translated(streams.url):
+        return text(await streams.redis.type(name)) == "stream"
+
+
+async def require_stream(streams: Streams, name: str, hint: str = "") -> None:
+    """Raise StreamNotFound (saying `hint`, e.g. which streams do exist) unless `name` is a stream on the server."""
+    with translated(streams.url):
+        kind = text(await streams.redis.type(name))
+    if kind == "none":
+        raise StreamNotFound(f"stream {name!r} does not exist{hint}")
+    if kind != "stream":
+        raise StreamNotFound(f"key {name!r} holds a {kind}, not a stream")
 
 
 async def group_names(streams: Streams, stream: str) -> list[str] | None:
