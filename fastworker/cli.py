@@ -33,6 +33,7 @@ from fastworker.errors import (
     ExitCode,
     FastworkerError,
     RedisAuthError,
+    RedisPermissionError,
     RedisTLSError,
     RedisUnavailable,
 )
@@ -269,7 +270,9 @@ def _main(argv: Sequence[str] | None) -> int:
 def in_user_words(exc: FastworkerError, args: argparse.Namespace) -> tuple[str, int]:
     """The error's line and exit code; a connection error also says which setting gave the URL."""
     message = str(exc)
-    about_connection = isinstance(exc, RedisUnavailable | RedisAuthError) and not isinstance(exc, RedisTLSError)
+    # TLS and ACL refusals carry their own advice: the URL it came from is not the problem
+    about_connection = isinstance(exc, RedisUnavailable | RedisAuthError) and not isinstance(
+        exc, RedisTLSError | RedisPermissionError)
     if not about_connection and DB_OUT_OF_RANGE not in message:
         return message, int(exc.exit_code)
     try:

@@ -76,6 +76,10 @@ class RedisAuthError(FastworkerError):
     exit_code = ExitCode.REDIS_AUTH
 
 
+class RedisPermissionError(RedisAuthError):
+    """The server accepted our credentials, but its ACL denies a command (or key) the fleet needs."""
+
+
 class RedisCommandError(FastworkerError):
     """The server answered a command with an error that is not one of the cases handled above."""
 

@@ -5,8 +5,8 @@ ACL DRYRUN would answer directly, but it needs admin rights. Instead, in one rou
 - Commands the fleet sends itself are sent as probes with arguments that fail only after the server's ACL check
   (XAUTOCLAIM with COUNT 0, XREADGROUP at id `$`, XADD at id 0-0, XCLAIM of an invalid id, ...): a NOPERM reply
   means the permission is missing, any other reply that it is granted. Read-only commands are sent as they are.
-- Commands that only run inside server scripts (TYPE, XACK, XADD, XDEL in the settle scripts), and MULTI/EXEC, are
-  checked by one script call with `redis.acl_check_cmd`, which runs none of them.
+- Commands that only run inside server scripts (TYPE, XACK, XADD, ZADD... of the settle and retry scripts), and
+  MULTI and EXEC, are checked by one script call with `redis.acl_check_cmd`, which runs none of them.
 Invariant: the check has no side effect. No group, consumer, entry or key is created, changed or deleted (each
 probe was verified on Valkey 9.1, Redis 7.0 and Redis 8.2: tests/test_permissions.py keeps it so).
 
@@ -27,7 +27,8 @@ import redis.exceptions as rex
 
 from fastworker.app import App
 from fastworker.config import Settings
-from fastworker.errors import RedisAuthError
+from fastworker.errors import RedisPermissionError
+from fastworker.settlement import retry_key
 from fastworker.streams import translate
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ return denied
 SETTLE = "the settle script needs it"
 IN_SETTLE = "the settle script calls it"
 LARGE = "settling outputs too large for the script needs it"
+RETRIES = "the retry schedule needs it"
 CLEANUP = "dead consumer cleanup needs it: --dead-consumer-idle-s"
 METRICS = "metrics sampling needs it: --http-port"
 TRIM = "trimming needs it: --trim-interval-s"
@@ -75,8 +77,9 @@ class Need:
 
 
 async def check_permissions(redis: aioredis.Redis, app: App, settings: Settings, *, monitor: bool = True) -> None:
-    """Raise RedisAuthError naming every command (and key) the server's ACL denies this connection's user, of those
-    the app's workers need, and with `monitor` those the supervisor's housekeeping needs with these settings.
+    """Raise RedisPermissionError (a RedisAuthError: exit 6) naming every command (and key) the server's ACL denies
+    this connection's user, of those the app's workers need, and with `monitor` those the supervisor's housekeeping
+    needs with these settings.
 
     One round trip; no side effect. RedisUnavailable (and the like) when the server cannot be asked.
     """
@@ -97,7 +100,7 @@ async def check_permissions(redis: aioredis.Redis, app: App, settings: Settings,
         logger.debug("permission check script failed, its commands are not checked: %s", replies[-1])
     if denied:
         user = redis.connection_pool.connection_kwargs.get("username") or "default"
-        raise RedisAuthError(_line(user, needs, denied, unchecked))
+        raise RedisPermissionError(_line(user, needs, denied, unchecked))
     logger.debug("permissions checked: %d commands allowed", len(needs))
 
 
@@ -108,6 +111,7 @@ def _needs(app: App, settings: Settings, monitor: bool) -> list[Need]:
         Need("CLIENT UNBLOCK", None, "stopping a consumer's blocked read needs it", ("CLIENT", "UNBLOCK", 0)),
         Need("MULTI", None, LARGE, ("MULTI",), in_script=True),
         Need("EXEC", None, LARGE, ("EXEC",), in_script=True),
+        Need("TIME", None, RETRIES, ("TIME",), in_script=True),
     ]
     for handler in app.handlers:
         needs += _stream_needs(handler.stream, handler.group, handler.stream + settings.dead_letter_suffix)
@@ -122,7 +126,7 @@ def _needs(app: App, settings: Settings, monitor: bool) -> list[Need]:
 
 
 def _stream_needs(stream: str, group: str, dead: str) -> list[Need]:
-    s, g, d, c = stream, group, dead, PROBE_NAME
+    s, g, d, c, z = stream, group, dead, PROBE_NAME, retry_key(stream, group)
     return [
         Need("XGROUP CREATE", s, "creating missing groups at start needs it", ("XGROUP", "CREATE", s, g, BAD_ID)),
         Need("XREADGROUP", s, "consumers read with it", ("XREADGROUP", "GROUP", g, c, "COUNT", 1, "STREAMS", s, "$")),
@@ -131,15 +135,23 @@ def _stream_needs(stream: str, group: str, dead: str) -> list[Need]:
         Need("XCLAIM", s, "claiming idle and long-running entries needs it", ("XCLAIM", s, g, c, 0, BAD_ID)),
         Need("XPENDING", s, "delivery counts need it", ("XPENDING", s, g, "-", "+", 1, c)),
         Need("XRANGE", s, "finding entries deleted while pending needs it", ("XRANGE", s, "0-0", "0-0")),
+        Need("XINFO CONSUMERS", s, "recovering a dead worker's entries needs it", ("XINFO", "CONSUMERS", s, g)),
         Need("XADD", d, "dead letters need it", ("XADD", d, "NOMKSTREAM", "0-0", "f", "v")),
+        Need("ZMSCORE", z, RETRIES, ("ZMSCORE", z, "0-0")),
         Need("EVAL", s, SETTLE, ("EVAL", "return 0", 1, s), in_script=True),
         Need("EVAL", d, SETTLE, ("EVAL", "return 0", 1, d), in_script=True),
+        Need("EVAL", z, RETRIES, ("EVAL", "return 0", 1, z), in_script=True),
         Need("TYPE", s, IN_SETTLE, ("TYPE", s), in_script=True),
         Need("TYPE", d, IN_SETTLE, ("TYPE", d), in_script=True),
         Need("XACK", s, IN_SETTLE, ("XACK", s, g, "0-1"), in_script=True),
         Need("XADD", d, IN_SETTLE, ("XADD", d, "*", "f", "v"), in_script=True),
         Need("XREVRANGE", d, LARGE, ("XREVRANGE", d, "+", "-", "COUNT", 1), in_script=True),
         Need("XDEL", d, LARGE, ("XDEL", d, "0-1"), in_script=True),
+        Need("TYPE", z, RETRIES, ("TYPE", z), in_script=True),
+        Need("ZADD", z, RETRIES, ("ZADD", z, 0, "0-1"), in_script=True),
+        Need("ZRANGEBYSCORE", z, RETRIES, ("ZRANGEBYSCORE", z, "-inf", 0), in_script=True),
+        Need("ZRANGE", z, RETRIES, ("ZRANGE", z, 0, 0), in_script=True),
+        Need("ZREM", z, RETRIES, ("ZREM", z, "0-1"), in_script=True),
     ]
 
 
