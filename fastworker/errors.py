@@ -62,8 +62,9 @@ class RedisTLSError(RedisUnavailable):
     @classmethod
     def from_verification(cls, verify_message: str, hostname_mismatch: bool, where: str = "") -> RedisTLSError:
         """The one line for a failed certificate check, with what to do about it."""
+        verify_message = verify_message.rstrip(".")
         if hostname_mismatch:
-            return cls(f"the server's TLS certificate is not valid for the host name we connected to{where}: "
+            return cls(f"the server's TLS certificate is not valid for the name we connected to{where}: "
                        f"{verify_message}; connect by a name the certificate lists (see README 'TLS')")
         return cls(f"the server's TLS certificate is not trusted{where}: {verify_message}; pass the CA that signed "
                    "it: rediss://HOST:PORT/DB?ssl_ca_certs=/path/ca.pem, or REDIS_TLS_CA=/path/ca.pem in the "

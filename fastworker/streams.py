@@ -49,7 +49,8 @@ logger = logging.getLogger(__name__)
 DEAD_FIELD_PREFIX = "fw:"
 
 
-X509_V_ERR_HOSTNAME_MISMATCH = 62  # OpenSSL's verify code for a certificate issued for another host name
+# OpenSSL's verify codes for a certificate issued for another name: host name, e-mail, IP address
+NAME_MISMATCH_CODES = (62, 63, 64)
 
 
 def _cert_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:
@@ -73,7 +74,7 @@ def translate(exc: BaseException, url: str = "") -> FastworkerError:
     cert_error = _cert_error(exc)
     if cert_error is not None:
         return RedisTLSError.from_verification(cert_error.verify_message or str(cert_error),
-                                               cert_error.verify_code == X509_V_ERR_HOSTNAME_MISMATCH, where)
+                                               cert_error.verify_code in NAME_MISMATCH_CODES, where)
     if isinstance(exc, rex.BusyLoadingError | rex.ConnectionError | rex.TimeoutError | OSError):
         return RedisUnavailable(f"cannot reach the server{where}: {exc}")
     if isinstance(exc, rex.ResponseError) and str(exc).startswith("NOGROUP"):
