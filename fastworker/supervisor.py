@@ -13,14 +13,23 @@ that dies before it was ready (the import, the config, the connection), or that 
 crash: crash_loop_restarts of those within crash_loop_window_s stop the fleet with CRASH_LOOP, leaving the decision
 to systemd or Kubernetes. Each death is logged once, with its exit code or signal.
 
-Signals: the first SIGTERM/SIGINT is forwarded as SIGTERM and the children drain within shutdown_grace_s; the
-supervisor SIGKILLs stragglers after that and exits 0. A second signal is forwarded too (children leave at once)
-and the supervisor exits with 130. Children ignore SIGINT (a terminal's Ctrl-C reaches the whole process group;
-only the supervisor decides) and get PR_SET_PDEATHSIG, so they drain and exit when the supervisor is SIGKILLed.
+Signals (the rule of `fastworker.signals`): the first SIGTERM or SIGINT makes the supervisor tell every child to
+drain, over the child's pipe, and the children drain within shutdown_grace_s; the supervisor SIGKILLs stragglers
+after that. A later signal tells them to leave at once. The supervisor's orders are messages, not signals, so they
+never count as a child's second signal: a terminal's Ctrl-C, `timeout` or systemd's KillMode=control-group signal
+every process of the group at once, and a child that got the group's signal and then its supervisor's order still
+drains. Children ignore SIGINT (the terminal's, for the whole group: only the supervisor decides), drain on
+SIGTERM (an operator's, or the group's) and get PR_SET_PDEATHSIG, so they drain and exit when the supervisor is
+SIGKILLed; a second, later SIGTERM makes a child leave at once.
 
-Each child reports over a pipe: once when ready, then a heartbeat with its counters every second. That feeds
-readiness (systemd READY=1, /readyz), liveness (/healthz: every child alive, ready and its loop turning) and
-/metrics.
+Exit code after a stop: 0 when every child drained and exited 0; 130 (INTERRUPTED) when a later signal cut the
+drain short, the supervisor's or a child's own; 1 (FAILURE) when a child ended otherwise (killed after the grace
+period, died while draining). A crash loop is 7, whatever happened after.
+
+Each child reports over its pipe: once when ready, then a heartbeat with its counters and what it is doing (for
+`fastworker inspect`) every second, or why it could not start. That feeds readiness (systemd READY=1, /readyz),
+liveness (/healthz: every child alive, ready and its loop turning), /metrics and /inspect. A start-up failure is
+logged with the death it caused, its traceback only the first time it is seen.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnProcess
 from typing import Any
@@ -45,12 +55,14 @@ from fastworker import logs
 from fastworker.app import App, load_app
 from fastworker.config import Settings
 from fastworker.errors import CrashLoop, ExitCode, FastworkerError
+from fastworker.logs import plural
 from fastworker.monitor import Monitor
 from fastworker.permissions import check_permissions
 from fastworker.policy import backoff_s, shard
 from fastworker.proc import describe_exit, die_with_parent, set_process_name
+from fastworker.signals import StopSignals
 from fastworker.streams import Streams
-from fastworker.worker import Worker, install_signal_handlers, serve
+from fastworker.worker import StartupFailed, Worker, serve
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +74,7 @@ RESTART_CAP_S = 5.0  # the longest restart delay
 STABLE_AFTER_S = 30.0  # a child that stayed up this long since it was ready resets its slot's restart delay
 
 _SPAWN = multiprocessing.get_context("spawn")
+STARTING_BLOCKED = {signal.SIGINT, signal.SIGTERM}  # held back from a worker process until its handlers are set
 
 
 @dataclass
@@ -80,6 +93,8 @@ class Slot:
     timer: asyncio.TimerHandle | None = None  # the pending restart
     stats: dict[str, Any] = field(default_factory=dict)  # the current process's last report
     past: list[dict[str, Any]] = field(default_factory=list)  # last reports of the processes before it
+    failure: dict[str, str] | None = None  # why the current process could not start, as it reported it
+    exit_code: int | None = None  # how the last process ended
 
     @property
     def alive(self) -> bool:
@@ -98,27 +113,35 @@ class Supervisor:
         self.crashes: deque[float] = deque()  # when children died before they were ready (or failed to start)
         self.restarts_total = 0
         self._stopping = False
+        self._interrupted = False  # a later signal cut the drain short
         self._done: asyncio.Future[int] | None = None
+        self._drain_codes: list[int | None] = []  # exit codes of the children that ended while stopping
+        self._tracebacks_logged: set[str] = set()
+        self.signals = StopSignals(self.stop, self._leave_now, doing="draining", ending=True)
+        self.started_at = time.time()
         self.all_ready = asyncio.Event()  # set once every worker process has reported ready
         self._fail: FastworkerError | None = None
         self.on_started: list[Any] = []  # callables run once the loop is up (the HTTP server hooks in here)
+        self.monitor: Monitor | None = None  # while running: its HTTP server is where hooks mount pages
 
     def run(self) -> int:
         """Check the server, start the fleet, and block until it has stopped; returns the exit code."""
         asyncio.run(preflight(self.app, self.settings))
-        return uvloop.run(self._main())
+        with self.signals:
+            return uvloop.run(self._main())
 
     async def _main(self) -> int:
         loop = asyncio.get_running_loop()
         self._done = loop.create_future()
-        install_signal_handlers(self.stop, self._leave_now)
+        if self._stopping or self.signals.received is not None:  # stopped before the fleet was started
+            return self._exit_code()
         for slot in self.slots:
             self._start(slot)
-        monitor = Monitor(self, self.app, self.settings)
+        self.monitor = monitor = Monitor(self, self.app, self.settings)
         await monitor.start()
         for hook in self.on_started:
             await hook(self)
-        logger.info("supervisor started processes=%d consumers=%s", len(self.slots),
+        logger.info("supervisor started pid=%d processes=%d consumers=%s", os.getpid(), len(self.slots),
                     ",".join(name for slot in self.slots for name in slot.names))
         try:
             return await self._done
@@ -164,23 +187,30 @@ class Supervisor:
             return
         self._take(slot, kind, payload)
 
-    def _take(self, slot: Slot, kind: str, payload: dict[str, Any]) -> None:
+    def _take(self, slot: Slot, kind: str, payload: dict[str, Any], exited: bool = False) -> None:
+        """One report of a child: `failed` (why it could not start), `ready`, `beat` or `final` (its counters)."""
+        if kind == "failed":
+            slot.failure = payload
+            return
         slot.last_beat = time.monotonic()
         slot.stats = payload
-        if kind == "ready" and not slot.ready:
-            slot.ready, slot.ready_at, slot.down = True, slot.last_beat, None
-            if not self.all_ready.is_set() and all(s.ready for s in self.slots):
-                self.all_ready.set()
-                notify_systemd("READY=1")
-                logger.info("all %d worker processes ready", len(self.slots))
+        if kind != "ready" or slot.ready:
+            return
+        slot.ready, slot.ready_at = True, slot.last_beat  # ready, if only just before it exited: not a crash
+        if exited:
+            return
+        slot.down = None
+        if not self.all_ready.is_set() and all(s.ready for s in self.slots):
+            self.all_ready.set()
+            notify_systemd("READY=1")
+            logger.info("%s ready", plural(len(self.slots), "worker process", "worker processes"))
 
     def _drain_reports(self, slot: Slot, conn: Connection) -> None:
         """Read what an exited child sent last (its ready report, its final counters) before the pipe closes."""
         with contextlib.suppress(EOFError, OSError):
             while conn.poll():
-                kind, slot.stats = conn.recv()
-                if kind == "ready" and not slot.ready:  # it was ready, if only just: not a crash
-                    slot.ready, slot.ready_at = True, time.monotonic()
+                kind, payload = conn.recv()
+                self._take(slot, kind, payload, exited=True)
 
     def _exited(self, slot: Slot, process: SpawnProcess) -> None:
         loop = asyncio.get_running_loop()
@@ -197,23 +227,34 @@ class Supervisor:
             slot.past.append(slot.stats)  # counters stay monotonic across restarts
             slot.stats = {}
         was_ready, slot.ready = slot.ready, False
+        failure, slot.failure, slot.exit_code = slot.failure, None, code
         if self._stopping:
-            logger.info("worker process index=%d pid=%s exited: %s", slot.index, process.pid, describe_exit(code))
+            self._drain_codes.append(code)
+            logger.log(logging.INFO if code in (0, None) else logging.WARNING,
+                       "worker process index=%d pid=%s %s", slot.index, process.pid, describe_exit(code))
             if not any(s.alive for s in self.slots):
-                self._finish(ExitCode.OK)
+                self._finish()
             return
         if was_ready:
             uptime = time.monotonic() - slot.ready_at
             self._died(slot, f"pid={process.pid} {describe_exit(code)} after it was ready (up {uptime:.1f} s)",
                        before_ready=False, stable=uptime >= STABLE_AFTER_S)
         else:
-            self._died(slot, f"pid={process.pid} {describe_exit(code)} before it was ready", before_ready=True)
+            cause = f": {failure['reason']}" if failure else ""
+            self._died(slot, f"pid={process.pid} {describe_exit(code)} before it was ready{cause}",
+                       before_ready=True, details=(failure or {}).get("traceback") or "")
 
     def _died(self, slot: Slot, what: str, before_ready: bool, stable: bool = False,
-              exc_info: BaseException | None = None) -> None:
-        """One death of a slot's process (or a failed start): log it once, then restart it or give up."""
+              exc_info: BaseException | None = None, details: str = "") -> None:
+        """One death of a slot's process (or a failed start): log it once, then restart it or give up. `details`
+        (the traceback a child reported) is logged the first time it is seen only: a crash loop repeats it."""
         now = time.monotonic()
         slot.down = what
+        if details in self._tracebacks_logged:
+            details = ""
+        elif details:
+            self._tracebacks_logged.add(details)
+            details = "\n" + details
         if stable:
             slot.restarts = 0
         if before_ready:
@@ -223,10 +264,12 @@ class Supervisor:
                 self.crashes.popleft()
             count = f"crash {len(self.crashes)} of {self.settings.crash_loop_restarts} within {window:g} s"
             if len(self.crashes) >= self.settings.crash_loop_restarts:
-                logger.error("worker process index=%d %s (%s): crash loop, giving up", slot.index, what, count,
-                             exc_info=exc_info)
+                logger.error("worker process index=%d %s (%s): crash loop, giving up%s", slot.index, what, count,
+                             details, exc_info=exc_info)
+                cause = what.split(" before it was ready: ", 1)[1] if " before it was ready: " in what else (
+                    "see the log for the cause")
                 self._fail = CrashLoop(f"worker processes died {len(self.crashes)} times within {window:g} s "
-                                       "before they were ready; see the log for the cause")
+                                       f"before they were ready: {cause}")
                 self.stop()
                 return
             what = f"{what} ({count})"
@@ -234,14 +277,14 @@ class Supervisor:
         slot.restarts += 1
         self.restarts_total += 1
         log = logger.error if before_ready else logger.warning
-        log("worker process index=%d %s; restarting in %.2f s under the same names", slot.index, what, delay,
-            exc_info=exc_info)
+        log("worker process index=%d %s; restarting in %.2f s under the same names%s", slot.index, what, delay,
+            details, exc_info=exc_info)
         slot.timer = asyncio.get_running_loop().call_later(delay, self._start, slot)
 
     # -- stopping -------------------------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Graceful stop: forward SIGTERM, give the children the grace period, then SIGKILL what is left."""
+        """Graceful stop: tell every child to drain, give them the grace period, then SIGKILL what is left."""
         if self._stopping:
             return
         self._stopping = True
@@ -251,12 +294,12 @@ class Supervisor:
                 slot.timer.cancel()
                 slot.timer = None
         alive = self._running()
-        logger.info("stopping: draining %d worker processes (grace %.0f s)", len(alive),
+        logger.info("stopping: draining %s (grace %g s)", plural(len(alive), "worker process", "worker processes"),
                     self.settings.shutdown_grace_s)
-        for _, process in alive:
-            process.terminate()
+        for slot, process in alive:
+            _order(slot, process, "stop")
         if not alive:
-            self._finish(ExitCode.OK)
+            self._finish()
             return
         asyncio.get_running_loop().call_later(self.settings.shutdown_grace_s + KILL_MARGIN_S, self._kill_all)
 
@@ -266,20 +309,29 @@ class Supervisor:
             process.kill()
 
     def _leave_now(self) -> None:
-        for _, process in self._running():
-            process.terminate()  # the child's second signal: it leaves at once
-        if self._done is not None and not self._done.done():
-            self._done.set_result(ExitCode.INTERRUPTED)
+        """A later signal: every child leaves at once (what it was handling stays pending), and so do we."""
+        self._stopping = self._interrupted = True
+        for slot, process in self._running():
+            _order(slot, process, "leave")
+        self._finish()
 
     def _running(self) -> list[tuple[Slot, SpawnProcess]]:
         return [(slot, slot.process) for slot in self.slots if slot.process is not None and slot.alive]
 
-    def _finish(self, code: int) -> None:
+    def _finish(self) -> None:
         if self._done is not None and not self._done.done():
             if self._fail is not None:
                 self._done.set_exception(self._fail)
             else:
-                self._done.set_result(code)
+                self._done.set_result(self._exit_code())
+
+    def _exit_code(self) -> int:
+        """The fleet's exit code after a stop: see the module docstring."""
+        if self._interrupted or ExitCode.INTERRUPTED in self._drain_codes:
+            return ExitCode.INTERRUPTED
+        if any(code != 0 for code in self._drain_codes):
+            return ExitCode.FAILURE
+        return ExitCode.OK
 
     # -- health ---------------------------------------------------------------------------------------------
 
@@ -310,6 +362,24 @@ class Supervisor:
     def alive_count(self) -> int:
         return sum(slot.alive for slot in self.slots)
 
+    def inspect(self) -> dict[str, Any]:
+        """What the fleet is doing, from the workers' last reports: per worker process its consumers, handlers, the
+        calls in flight and the recent failures (served as /inspect)."""
+        now = time.monotonic()
+        workers = []
+        for slot in self.slots:
+            process = slot.process
+            state = "ready" if slot.ready else ("restarting" if slot.down else "starting")
+            workers.append({
+                "index": slot.index, "pid": process.pid if process is not None and slot.alive else None,
+                "state": state if slot.alive or slot.down else "stopped", "down": slot.down,
+                "names": slot.names, "report_age_s": round(now - slot.last_beat, 3) if slot.stats else None,
+                **_inspected(slot.stats.get("inspect", {})),
+            })
+        return {"supervisor": {"pid": os.getpid(), "started_at": self.started_at, "stopping": self._stopping,
+                               "processes": len(self.slots)},
+                "workers": workers}
+
     def reports(self) -> list[dict[str, Any]]:
         """Every counter report there is: current processes and the ones they replaced."""
         return [report for slot in self.slots for report in (*slot.past, slot.stats) if report]
@@ -321,6 +391,24 @@ class Supervisor:
             for stream, group, outcome, value in report.get("counts", ()):
                 totals[stream, group, outcome] = totals.get((stream, group, outcome), 0) + value
         return totals
+
+
+def _inspected(report: dict[str, Any]) -> dict[str, Any]:
+    return {key: report.get(key, []) for key in ("consumers", "handlers", "in_flight", "recent_failures")}
+
+
+def _order(slot: Slot, process: SpawnProcess, order: str) -> None:
+    """Tell a child to `stop` (drain) or `leave` (at once) over its pipe: a message, never a signal, so that it
+    cannot be taken for the child's second signal. A child whose pipe is gone gets the signal that means the same."""
+    try:
+        if slot.conn is None:
+            raise OSError("no pipe")
+        slot.conn.send((order, None))
+    except (OSError, ValueError):
+        if order == "stop":
+            process.terminate()
+        else:
+            process.kill()
 
 
 async def preflight(app: App, settings: Settings) -> None:
@@ -338,18 +426,27 @@ async def preflight(app: App, settings: Settings) -> None:
 
 def start_worker_process(app_ref: str, settings: Settings, index: int,
                          names: list[str]) -> tuple[SpawnProcess, Connection]:
-    """Spawn worker process `index` for `names`: (the process, the read end of its report pipe)."""
-    receiver, sender = _SPAWN.Pipe(duplex=False)
+    """Spawn worker process `index` for `names`: (the process, the supervisor's end of its pipe: reports come in,
+    orders go out)."""
+    ours, theirs = _SPAWN.Pipe(duplex=True)
     try:
         process = _SPAWN.Process(target=_child_main, name=f"fw-worker-{index}",
-                                 args=(app_ref, settings, index, names, sender, os.getpid()))
-        process.start()
+                                 args=(app_ref, settings, index, names, theirs, os.getpid()))
+        # The child inherits these signals blocked (fork and exec keep the mask) until it has its handlers: a
+        # Ctrl-C or a group's SIGTERM while it is still starting then waits for them instead of killing it. Here
+        # they only wait for the spawn. The resource tracker is started first: starting it unblocks them.
+        resource_tracker.ensure_running()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STARTING_BLOCKED)
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     except BaseException:
-        receiver.close()
+        ours.close()
         raise
     finally:
-        sender.close()
-    return process, receiver
+        theirs.close()
+    return process, ours
 
 
 def _child_main(app_ref: str, settings: Settings, index: int, names: list[str], conn: Connection,
@@ -358,16 +455,19 @@ def _child_main(app_ref: str, settings: Settings, index: int, names: list[str], 
     worker on uvloop, then exit with the code it returned.
 
     Exits with os._exit: the interpreter's normal exit joins the handler thread pool, and a sync handler stuck past
-    its timeout would keep the process alive after its drain (its entries are pending, nothing is lost).
+    its timeout would keep the process alive after its drain (its entries are pending, nothing is lost). The
+    SIGTERM handler stays until then: a repeat of the group's signal must never find the default action.
     """
     die_with_parent(signal.SIGTERM)  # drain, like a normal stop
     set_process_name(f"fw-worker-{index}")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signals = StopSignals(signals=(signal.SIGTERM,), doing="draining").install()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STARTING_BLOCKED)  # what came while starting is handled now
     logs.configure(settings.log_level, settings.log_format)
     code: int = ExitCode.FAILURE
     try:
         if os.getppid() == parent_pid:  # else the supervisor died before the parent-death signal was set
-            code = uvloop.run(worker_process(app_ref, settings, names, conn, parent_pid))
+            code = uvloop.run(worker_process(app_ref, settings, names, conn, parent_pid, signals))
         else:
             code = ExitCode.OK
     except BaseException:
@@ -377,21 +477,54 @@ def _child_main(app_ref: str, settings: Settings, index: int, names: list[str], 
 
 
 async def worker_process(app_ref: str, settings: Settings, names: list[str], conn: Connection,
-                         parent_pid: int) -> int:
-    """The body of one worker process: run a Worker for `names` and report to the supervisor."""
+                         parent_pid: int, signals: StopSignals | None = None) -> int:
+    """The body of one worker process: run a Worker for `names`, take the supervisor's orders and report to it."""
+    signals = signals or StopSignals(signals=(signal.SIGTERM,), doing="draining")
+    loop = asyncio.get_running_loop()
+    loop.add_reader(conn.fileno(), _take_order, conn, signals)
     try:
         app = load_app(app_ref)
     except FastworkerError as exc:
-        logger.error("%s", exc)
+        _report_failure(conn, str(exc))
         return int(exc.exit_code)
     worker = Worker(app, settings, names)
     reporter = asyncio.create_task(_report_loop(worker, conn, parent_pid))
     try:
-        return await serve(worker, wait_for_server=True)
+        return await serve(worker, wait_for_server=True, signals=signals)
+    except StartupFailed as exc:
+        _report_failure(conn, str(exc), exc.details)
+        return ExitCode.FAILURE
     finally:
         reporter.cancel()
         with contextlib.suppress(OSError, ValueError):
-            conn.send(("final", worker.stats.snapshot()))
+            loop.remove_reader(conn.fileno())
+        with contextlib.suppress(OSError, ValueError):
+            conn.send(("final", _report(worker)))
+
+
+def _take_order(conn: Connection, signals: StopSignals) -> None:
+    """An order of the supervisor: `stop` (drain) or `leave` (at once). Its end closing means it is gone: drain."""
+    try:
+        order, _ = conn.recv()
+    except (EOFError, OSError):
+        asyncio.get_running_loop().remove_reader(conn.fileno())
+        order = "stop"
+    if order == "leave":
+        signals.request_leave()
+    else:
+        signals.request_stop()
+
+
+def _report_failure(conn: Connection, reason: str, details: str = "") -> None:
+    """Why this process could not start, for the supervisor to log with the death (and the traceback once)."""
+    try:
+        conn.send(("failed", {"reason": reason, "traceback": details}))
+    except (OSError, ValueError):
+        logger.error("%s%s", reason, "\n" + details if details else "")
+
+
+def _report(worker: Worker) -> dict[str, Any]:
+    return {**worker.stats.snapshot(), "inspect": worker.inspect()}
 
 
 async def _report_loop(worker: Worker, conn: Connection, parent_pid: int) -> None:
@@ -403,7 +536,7 @@ async def _report_loop(worker: Worker, conn: Connection, parent_pid: int) -> Non
             worker.stop()
             return
         try:
-            conn.send((kind, worker.stats.snapshot()))
+            conn.send((kind, _report(worker)))
         except (OSError, ValueError):
             worker.stop()
             return

@@ -1,9 +1,10 @@
 """One worker process: every consumer loop of its consumer names, one reclaimer, signals and the drain.
 
-Start-up fails fast and cleanly (unreachable server, wrong password) so the caller can print one line and exit
-with a distinct code. Once running, nothing but a stop ends it: Redis errors are ridden out by the loops. On stop,
-reading ends, in-flight handlers finish and their batches are settled, within shutdown_grace_s; past that the
-remaining work is abandoned, which loses nothing (it is still pending).
+Start-up fails fast and cleanly (unreachable server, wrong password, an `on_startup` hook that raised) so the caller
+can print one line and exit with a distinct code. Once running, nothing but a stop ends it: Redis errors are ridden
+out by the loops. On stop, reading ends, in-flight handlers finish and their batches are settled, within
+shutdown_grace_s; past that the remaining work is abandoned, which loses nothing (it is still pending). Signals
+follow the rule of `fastworker.signals`.
 """
 
 from __future__ import annotations
@@ -12,22 +13,33 @@ import asyncio
 import gc
 import inspect
 import logging
-import signal
-from collections.abc import Callable
+import os
+import traceback
+from typing import Any
 
 import uvloop
 
+from fastworker import logs, recent
 from fastworker.app import App, Hook
 from fastworker.config import Settings
 from fastworker.consumer import Consumer, Outage
 from fastworker.dispatch import Dispatcher
-from fastworker.errors import ExitCode, RedisAuthError, RedisUnavailable
+from fastworker.errors import ExitCode, FastworkerError, RedisAuthError, RedisUnavailable
 from fastworker.permissions import check_permissions
 from fastworker.reclaimer import Reclaimer
+from fastworker.signals import StopSignals
 from fastworker.stats import Stats
 from fastworker.streams import Streams
 
 logger = logging.getLogger(__name__)
+
+
+class StartupFailed(FastworkerError):
+    """An `on_startup` hook raised: the worker cannot start. `details` is the hook's traceback, for the log."""
+
+    def __init__(self, message: str, details: str = "") -> None:
+        super().__init__(message)
+        self.details = details
 
 
 class Worker:
@@ -42,7 +54,9 @@ class Worker:
         self.reclaimer: Reclaimer | None = None
         self.ready = asyncio.Event()
         self.failed = False  # a loop died of a bug: the process must exit non-zero so that it is restarted
+        self.dispatcher: Dispatcher | None = None
         self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def run(self, wait_for_server: bool = False) -> None:
         """Connect, create missing groups, run until `stop()`, then drain.
@@ -50,10 +64,12 @@ class Worker:
         Start-up errors propagate unless `wait_for_server`, in which case start-up is retried with backoff until
         it succeeds or the worker is stopped (a restarted worker process rides out an outage like a running one).
         """
+        if self._stop.is_set():  # stopped before it started: nothing to start, nothing to drain
+            return
         streams = Streams(self.settings)
-        dispatcher = Dispatcher(self.settings.concurrency, self.settings.handler_timeout_s,
-                                self.settings.max_deliveries, self.settings.dead_letter_suffix, streams,
-                                self.settings.backoff())
+        dispatcher = self.dispatcher = Dispatcher(
+            self.settings.concurrency, self.settings.handler_timeout_s, self.settings.max_deliveries,
+            self.settings.dead_letter_suffix, streams, self.settings.backoff())
         outage = Outage("worker start-up")
         try:
             while True:
@@ -81,7 +97,7 @@ class Worker:
         created = await streams.ensure_groups(pairs, self.settings.group_start_id)
         for stream, group in created:
             logger.info("created group %s on stream %s at id %s", group, stream, self.settings.group_start_id)
-        await _run_hooks(self.app.startup_hooks)
+        await _run_startup_hooks(self.app.startup_hooks)
         self.consumers = [Consumer(streams, dispatcher, self.settings, group, handlers, name, self.stats)
                           for group, handlers in groups.items() for name in self.names]
         self.reclaimer = Reclaimer(streams, dispatcher, self.settings, groups, f"{self.names[0]}.claim", self.stats)
@@ -120,6 +136,19 @@ class Worker:
                 logger.error("%s failed during drain", task.get_name(), exc_info=task.exception())
         logger.info("worker stopped %s", _summary(self.stats))
 
+    def inspect(self) -> dict[str, Any]:
+        """What this process is doing, for `fastworker inspect`: its consumers, handlers, the calls in flight and
+        the recent failures. Cheap enough for every report (a few dicts; in-flight calls are at most concurrency)."""
+        return {
+            "pid": os.getpid(),
+            "consumers": [*self.names, f"{self.names[0]}.claim"] if self.names else [],
+            "handlers": [{"handler": h.name, "stream": h.stream, "group": h.group,
+                          "kind": "batch" if h.batch else ("async" if h.is_async else "sync")}
+                         for h in self.app.handlers],
+            "in_flight": self.dispatcher.in_flight() if self.dispatcher is not None else [],
+            "recent_failures": recent.failures.snapshot(),
+        }
+
 
 async def _run_hooks(hooks: list[Hook]) -> None:
     for hook in hooks:
@@ -128,27 +157,20 @@ async def _run_hooks(hooks: list[Hook]) -> None:
             await result
 
 
+async def _run_startup_hooks(hooks: list[Hook]) -> None:
+    """Run the `on_startup` hooks; one that raises is a StartupFailed naming it, with its own frames only."""
+    for hook in hooks:
+        try:
+            await _run_hooks([hook])
+        except Exception as exc:  # user code
+            name = getattr(hook, "__qualname__", repr(hook))
+            frames = exc.__traceback__.tb_next if exc.__traceback__ is not None else None  # from the hook down
+            details = "".join(traceback.format_exception(type(exc), exc, frames)).rstrip()
+            raise StartupFailed(f"on_startup hook {name} raised {type(exc).__name__}: {exc}", details) from exc
+
+
 def _summary(stats: Stats) -> str:
     return " ".join(f"{name}={stats.total(name)}" for name in ("received", "acked", "retried", "dead", "claimed"))
-
-
-def install_signal_handlers(stop: Callable[[], None], hard_stop: Callable[[], None]) -> None:
-    """First SIGTERM/SIGINT: graceful stop. Second: leave at once (the PEL keeps everything recoverable)."""
-    loop = asyncio.get_running_loop()
-    signals_seen = 0
-
-    def on_signal(signum: int) -> None:
-        nonlocal signals_seen
-        signals_seen += 1
-        if signals_seen == 1:
-            logger.info("received %s: draining (send it again to leave at once)", signal.Signals(signum).name)
-            stop()
-        else:
-            logger.warning("received %s again: leaving at once", signal.Signals(signum).name)
-            hard_stop()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
 
 
 def tune_gc(threshold: int) -> None:
@@ -165,35 +187,44 @@ def tune_gc(threshold: int) -> None:
         gc.set_threshold(threshold, second, third)
 
 
-async def serve(worker: Worker, wait_for_server: bool = False) -> int:
+async def serve(worker: Worker, wait_for_server: bool = False, signals: StopSignals | None = None) -> int:
     """Run `worker` in the current task until a signal stops it; returns the exit code: 0 after a clean drain,
-    INTERRUPTED when a second signal cut the drain short. The worker owns the process: its GC is tuned."""
+    INTERRUPTED when a later signal cut the drain short. The worker owns the process: its GC is tuned.
+
+    `signals`: the process's stop signals, installed by the caller for the life of the command; without them the
+    usual ones are installed here for the worker's run and put back after."""
     tune_gc(worker.settings.gc_threshold)
     task = asyncio.current_task()
     interrupted = False
 
-    def hard_stop() -> None:
+    def leave() -> None:
         nonlocal interrupted
         interrupted = True
         if task is not None:
             task.cancel()
 
-    install_signal_handlers(worker.stop, hard_stop)
+    stops = signals or StopSignals(doing="draining").install()
+    stops.bind(worker.stop, leave)
+    if stops.received is not None or stops.stop_requested:  # asked before there was a worker to stop
+        worker.stop()
     try:
         await worker.run(wait_for_server)
     except asyncio.CancelledError:
         if not interrupted:
             raise
         return ExitCode.INTERRUPTED
+    finally:
+        if signals is None:
+            stops.restore()
     return ExitCode.FAILURE if worker.failed else ExitCode.OK
 
 
 def run(app: App, settings: Settings | None = None, names: list[str] | None = None) -> int:
     """Run `app` in this process on uvloop until SIGTERM or SIGINT; returns the exit code (0 after a clean
-    drain). Start-up errors (server unreachable, wrong password) propagate as FastworkerError."""
+    drain). Start-up errors (server unreachable, wrong password, a failing on_startup hook) propagate as
+    FastworkerError. Logs like the `fastworker` command (to stderr, at the settings' level and format) unless the
+    program has configured logging itself."""
     resolved = settings or Settings()
-
-    async def main() -> int:
-        return await serve(Worker(app, resolved, names))
-
-    return uvloop.run(main())
+    logs.configure_unless_configured(resolved.log_level, resolved.log_format)
+    with StopSignals(doing="draining") as signals:
+        return uvloop.run(serve(Worker(app, resolved, names), signals=signals))

@@ -15,7 +15,6 @@ import base64
 import contextlib
 import os
 import re
-import signal
 import sys
 from collections.abc import Coroutine, Iterable
 from typing import IO, Any
@@ -29,6 +28,7 @@ from fastworker.errors import ExitCode, FastworkerError
 from fastworker.message import DEFAULT_PAYLOAD_FIELD, RawEntry, text
 from fastworker.ops.inspect import require_stream, stream_exists
 from fastworker.publisher import explain
+from fastworker.signals import StopSignals
 from fastworker.streams import Channel, Streams
 
 PAGE = 1000
@@ -81,7 +81,8 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     settings, _ = settings_from_args(args)
     try:
-        return int(uvloop.run(_tail(args, settings)))
+        with StopSignals(ending=True) as signals:  # to the end: a signal during the teardown follows the rule
+            return int(uvloop.run(_tail(args, settings, signals)))
     except BrokenPipeError:
         # The reader went away (`| head`): that is the end of the job, not an error. Python's exit flush would
         # complain about the closed pipe, so stdout goes to /dev/null first.
@@ -89,15 +90,16 @@ def run(args: argparse.Namespace) -> int:
         return ExitCode.OK
 
 
-async def _tail(args: argparse.Namespace, settings: Settings) -> int:
+async def _tail(args: argparse.Namespace, settings: Settings, signals: StopSignals) -> int:
     streams = Streams(settings)
     tail = Tail(streams, args.stream, sys.stdout.buffer, args.payload_field, settings.block_ms)
     try:
         await _check_name(streams, args.stream, args.follow)
         if args.follow:
-            return await _until_signalled(tail.follow(args.start, args.count))
-        await tail.history(args.start, args.count)
-        return ExitCode.OK
+            await _until_signalled(tail.follow(args.start, args.count), signals)
+            return ExitCode.OK  # a signal is how --follow ends
+        stopped = await _until_signalled(tail.history(args.start, args.count), signals)
+        return ExitCode.INTERRUPTED if stopped else ExitCode.OK
     finally:
         await tail.aclose()
         await streams.aclose()
@@ -113,25 +115,23 @@ async def _check_name(streams: Streams, stream: str, follow: bool) -> None:
         await require_stream(streams, stream)
 
 
-async def _until_signalled(work: Coroutine[Any, Any, None]) -> int:
-    """Run `work` until it ends or SIGINT/SIGTERM arrives; a signal is a normal end (exit code 0)."""
-    loop = asyncio.get_running_loop()
+async def _until_signalled(work: Coroutine[Any, Any, Any], signals: StopSignals) -> bool:
+    """Run `work` until it ends or a stop signal arrives; True when a signal ended it. The handlers stay: a signal
+    during what follows (closing the connection) is the same stop, or, later, leaves at once (exit 130)."""
     stop = asyncio.Event()
-    signals = (signal.SIGINT, signal.SIGTERM)
-    for signum in signals:
-        loop.add_signal_handler(signum, stop.set)
+    signals.bind(stop.set, None)
+    if signals.received is not None:
+        stop.set()
     task = asyncio.ensure_future(work)
     stopped = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for signum in signals:
-            loop.remove_signal_handler(signum)
         stopped.cancel()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task  # raises what the work failed with, if it ended on its own
-    return ExitCode.OK
+    return stop.is_set()
 
 
 class Tail:
