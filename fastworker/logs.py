@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
+CLEAR_LINE = "\x1b[2K"  # erase the terminal's current line (the cursor stays where it is)
 # A %-conversion of a log message (or a literal %%), optionally right after `key=`.
 _CONVERSION = re.compile(r"(\s?(\w+)=)?%(?:[#0 +-]*(?:\d+|\*)?(?:\.\d+)?)([diouxXeEfFgGcrsa%])")
 _RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -74,12 +75,28 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
+class TerminalFormatter(logging.Formatter):
+    """Text for a terminal: each record starts by clearing the line, so that a progress line drawn in place (the
+    demo's, publish's), possibly by another process on the same terminal, is replaced whole, never mixed into."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return CLEAR_LINE + super().format(record)
+
+
 def configure(level: str = "INFO", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    text = TerminalFormatter(TEXT_FORMAT) if _is_terminal(sys.stderr) else logging.Formatter(TEXT_FORMAT)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else text)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 def configure_unless_configured(level: str = "INFO", fmt: str = "text") -> None:

@@ -3,6 +3,11 @@
 It starts an embedded Valkey (unless --redis-url names a server), emulates the app publishing the sample jobs to
 the three job streams, runs the fleet with the demo handlers (`fastworker.demo:app`), shows live progress, stops
 the fleet once every job is settled, and ends with the throughput and a per-stream summary.
+
+Interrupted (Ctrl-C, SIGTERM), the fleet drains what it has in hand and the summary says what was done and what
+was not (published jobs not settled yet), and the exit code is 130. The live line and the summary count the same
+way: `published` is what the emulated app has handed to its publisher (never behind `acked`), and the rate is
+acked jobs over the time from the first job published to now, or to the moment every job that can succeed had.
 """
 
 from __future__ import annotations
@@ -10,11 +15,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import random
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import IO, Any
 
 import redis.asyncio as aioredis
 
@@ -22,12 +28,15 @@ from fastworker import demo
 from fastworker.cli import add_settings_flags, flag_values
 from fastworker.config import load_settings
 from fastworker.errors import ExitCode
+from fastworker.logs import plural
 from fastworker.publisher import Publisher
 from fastworker.server import EmbeddedServer
 from fastworker.supervisor import Supervisor
 
 STREAMS = (demo.DATA_JOBS, demo.ML_TRAINING, demo.NOTIFICATIONS)
 CHUNK = 500
+TICK_S = 0.25
+CLEAR_LINE = "\x1b[2K"
 
 
 def register(sub: Any) -> None:
@@ -51,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     # Short claim idle so the failing jobs' retries and dead letters happen within the demo.
     demo_defaults = {"claim_idle_ms": 500, "claim_interval_ms": 250, "handler_timeout_s": 0.3, "max_deliveries": 3}
     with contextlib.ExitStack() as stack:
-        if "redis_url" not in flags:
+        embedded = "redis_url" not in flags
+        if embedded:
             server = stack.enter_context(EmbeddedServer())
             print(f"embedded server: {server.version()} at {server.url}")
             flags["redis_url"] = server.url
@@ -59,13 +69,62 @@ def run(args: argparse.Namespace) -> int:
         supervisor = Supervisor("fastworker.demo:app", demo.app, settings)
         emulation = AppEmulation(settings.redis_url, args.jobs, args.rate, args.fail_rate, args.timeout_s)
         emulation.dead_letter_suffix = settings.dead_letter_suffix
+        emulation.embedded = embedded
         supervisor.on_started.append(emulation.start)
         code = supervisor.run()
         if emulation.error:
+            emulation.display.finish(emulation.line(emulation.tally(supervisor)))
             print(f"fastworker: error: {emulation.error}", file=sys.stderr)
             return ExitCode.FAILURE
-        asyncio.run(emulation.summary(supervisor))
-        return code
+        interrupted = not emulation.finished
+        asyncio.run(emulation.summary(supervisor, interrupted))
+        return ExitCode.INTERRUPTED if interrupted else code
+
+
+@dataclasses.dataclass(frozen=True)
+class Tally:
+    """What the demo has done so far, counted one way for the live line and the summary."""
+
+    published: int
+    acked: int
+    dead: int
+    retried: int
+    seconds: float  # from the first job published to now, or to when every job that can succeed had
+
+    @property
+    def rate(self) -> float:
+        return self.acked / self.seconds if self.seconds > 0 else 0.0
+
+
+class Display:
+    """The live line. On a terminal it is redrawn in place with the cursor left at its start: a log line (the
+    workers write to the same terminal, and their log lines begin by clearing the line) then replaces it whole,
+    and the next tick draws it again below. Elsewhere, one line a second."""
+
+    def __init__(self, out: IO[str] | None = None) -> None:
+        self.out = out or sys.stdout
+        self.tty = self.out.isatty()
+        self.ticks = 0
+        self.printed = ""  # the last line printed on a line of its own (not on a terminal)
+
+    def draw(self, line: str) -> None:
+        if self.tty:
+            self.out.write(f"{CLEAR_LINE}{line}\r")
+            self.out.flush()
+        elif self.ticks % round(1 / TICK_S) == 0:
+            self._print(line)
+        self.ticks += 1
+
+    def finish(self, line: str) -> None:
+        """The last state, once, on a line of its own."""
+        if self.tty:
+            print(f"{CLEAR_LINE}{line}", file=self.out, flush=True)
+        elif line != self.printed:
+            self._print(line)
+
+    def _print(self, line: str) -> None:
+        print(line, file=self.out, flush=True)
+        self.printed = line
 
 
 class AppEmulation:
@@ -77,18 +136,29 @@ class AppEmulation:
         self.rate = rate
         self.fail_rate = fail_rate
         self.timeout_s = timeout_s
-        self.published = 0
-        self.published_by: dict[str, int] = {}
+        self.handed = 0  # payloads handed to the publisher: the live line's `published`
+        self.confirmed_by: dict[str, int] = {}  # entries the server confirmed, per stream
         self.failing = 0
         self.started = 0.0
         self.first_pass = 0.0  # when every job that can succeed had succeeded
         self.finished = 0.0
         self.error: str | None = None
         self.dead_letter_suffix = ":dead"
+        self.embedded = True
+        self.display = Display()
+        self.lengths_before: dict[str, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self, supervisor: Supervisor) -> None:
+        self.lengths_before = await self._lengths()
         self._tasks = [asyncio.create_task(self._publish(supervisor)), asyncio.create_task(self._watch(supervisor))]
+
+    async def _lengths(self) -> dict[str, int]:
+        client = aioredis.Redis.from_url(self.url)
+        try:
+            return {stream: await client.xlen(stream) for stream in STREAMS}
+        finally:
+            await client.aclose()
 
     async def _publish(self, supervisor: Supervisor) -> None:
         """Publish the jobs round-robin over the three job streams, like the app would, at the chosen rate."""
@@ -96,7 +166,7 @@ class AppEmulation:
         self.started = time.perf_counter()
         async with Publisher(self.url) as publisher:
             await asyncio.gather(*(
-                publisher.publish_stream(stream, self._payloads(offset), on_progress=self._progress(stream))
+                publisher.publish_stream(stream, self._payloads(offset), on_progress=self._confirmed(stream))
                 for offset, stream in enumerate(STREAMS)))
 
     async def _payloads(self, offset: int) -> AsyncIterator[dict[str, Any]]:
@@ -106,53 +176,83 @@ class AppEmulation:
             if rng.random() < self.fail_rate:
                 payload["simulate"] = "error" if index % 2 else "poison"
                 self.failing += 1
+            self.handed += 1
             yield payload
             if self.rate and index % CHUNK < len(STREAMS):
                 await _pace(self.started, index, self.rate)
 
-    def _progress(self, stream: str) -> Callable[[int], None]:
-        def count(published: int) -> None:
-            self.published_by[stream] = published
-            self.published = sum(self.published_by.values())
+    def _confirmed(self, stream: str) -> Callable[[int], None]:
+        def count(confirmed: int) -> None:
+            self.confirmed_by[stream] = confirmed
 
         return count
 
+    def tally(self, supervisor: Supervisor, published: int | None = None) -> Tally:
+        totals = supervisor.totals()
+        end = self.first_pass or time.perf_counter()
+        return Tally(self.handed if published is None else published, _count(totals, "acked"),
+                     _count(totals, "dead"), _count(totals, "retried"), end - self.started if self.started else 0.0)
+
+    @staticmethod
+    def line(tally: Tally) -> str:
+        return (f"published {tally.published:>9,}  acked {tally.acked:>9,}  dead {tally.dead:>5,}  "
+                f"{tally.rate:>9,.0f} msgs/s")
+
     async def _watch(self, supervisor: Supervisor) -> None:
         deadline = time.monotonic() + self.timeout_s
-        tty = sys.stdout.isatty()
-        ticks = 0
+        told = False
         while True:
-            await asyncio.sleep(0.25)
-            ticks += 1
-            totals = supervisor.totals()
-            settled, acked = _settled(totals), _count(totals, "acked")
-            if not self.first_pass and self.published == self.jobs and acked >= self.jobs - self.failing:
+            await asyncio.sleep(TICK_S)
+            tally = self.tally(supervisor)
+            if not self.first_pass and self.handed == self.jobs and tally.acked >= self.jobs - self.failing:
                 self.first_pass = time.perf_counter()
-            elapsed = time.perf_counter() - self.started if self.started else 0.0
-            line = (f"published {self.published:>9,}  acked {acked:>9,}  dead {_count(totals, 'dead'):>5,}  "
-                    f"{acked / elapsed if elapsed else 0:>9,.0f} msgs/s")
-            if tty:
-                print(f"\r{line}", end="", flush=True)
-            elif ticks % 4 == 0:
-                print(line, flush=True)
-            if self.published == self.jobs and settled >= self.jobs:
+                tally = self.tally(supervisor)
+            if supervisor.signals.received is not None and not told:
+                told = True
+                print(f"{CLEAR_LINE}interrupted: the fleet finishes what it has in hand (once more, a second later, "
+                      "to leave at once)", flush=True)
+            self.display.draw(self.line(tally))
+            if sum(self.confirmed_by.values()) == self.jobs and tally.acked + tally.dead >= self.jobs:
                 self.finished = time.perf_counter()
                 break
             if time.monotonic() > deadline or any(t.done() and t.exception() for t in self._tasks):
                 failed = next((t.exception() for t in self._tasks if t.done() and t.exception()), None)
                 self.error = str(failed) if failed else f"not all jobs were settled within {self.timeout_s:g} s"
                 break
-        print()
+        self.display.finish(self.line(tally))
         supervisor.stop()
 
-    async def summary(self, supervisor: Supervisor) -> None:
+    async def summary(self, supervisor: Supervisor, interrupted: bool) -> None:
+        after = await self._lengths()
+        published = sum(after.values()) - sum(self.lengths_before.get(stream, 0) for stream in STREAMS)
+        tally = self.tally(supervisor, published if interrupted else self.jobs)
+        if interrupted:
+            self.display.finish(self.line(tally))
+            self._interrupted(tally, supervisor)
+        else:
+            print(f"{tally.acked:,} jobs handled in {tally.seconds:.2f} s: {tally.rate:,.0f} msgs/s with "
+                  f"{plural(len(supervisor.slots), 'worker process', 'worker processes')}, publishing at the "
+                  "same time")
+            print(f"{tally.dead:,} failing jobs dead-lettered, {plural(tally.retried, 'retry', 'retries')}, "
+                  f"all settled after {self.finished - self.started:.2f} s")
+        await self._table(supervisor)
+
+    def _interrupted(self, tally: Tally, supervisor: Supervisor) -> None:
+        if not self.started:
+            print("interrupted before the fleet was ready: nothing was published")
+            return
+        elapsed = time.perf_counter() - self.started
+        print(f"interrupted after {elapsed:.2f} s: {tally.published:,} of {self.jobs:,} jobs published, "
+              f"{tally.acked:,} acked ({tally.rate:,.0f} msgs/s over {tally.seconds:.2f} s), "
+              f"{tally.dead:,} dead-lettered, {plural(tally.retried, 'retry', 'retries')}")
+        left = max(tally.published - tally.acked - tally.dead, 0)
+        where = ("the embedded server goes away with the demo" if self.embedded else
+                 f"`fastworker run fastworker.demo:app --redis-url {supervisor.settings.redacted_url()}` handles them")
+        print(f"{plural(left, 'published job')} not settled (pending or not yet read): {where}" if left else
+              "every published job was settled")
+
+    async def _table(self, supervisor: Supervisor) -> None:
         totals = supervisor.totals()
-        first_pass = max((self.first_pass or self.finished) - self.started, 1e-9)
-        acked = _count(totals, "acked")
-        print(f"{acked:,} jobs handled in {first_pass:.2f} s: {acked / first_pass:,.0f} msgs/s with "
-              f"{len(supervisor.slots)} worker processes, publishing at the same time")
-        print(f"{_count(totals, 'dead'):,} failing jobs dead-lettered, {_count(totals, 'retried'):,} retries, "
-              f"all settled after {self.finished - self.started:.2f} s")
         client = aioredis.Redis.from_url(self.url)
         try:
             rows = [await _stream_row(client, stream, demo.GROUPS[stream], totals, self.dead_letter_suffix)
@@ -171,10 +271,6 @@ def _count(totals: dict[tuple[str, str, str], int], outcome: str) -> int:
     return sum(value for (_, _, name), value in totals.items() if name == outcome)
 
 
-def _settled(totals: dict[tuple[str, str, str], int]) -> int:
-    return _count(totals, "acked") + _count(totals, "dead")
-
-
 async def _pace(started: float, sent: int, rate: float) -> None:
     ahead = sent / rate - (time.perf_counter() - started)
     if ahead > 0:
@@ -183,6 +279,9 @@ async def _pace(started: float, sent: int, rate: float) -> None:
 
 async def _stream_row(client: aioredis.Redis, stream: str, group: str, totals: dict[tuple[str, str, str], int],
                       dead_letter_suffix: str) -> tuple[Any, ...]:
-    pending = (await client.xpending(stream, group))["pending"]
+    try:
+        pending: Any = (await client.xpending(stream, group))["pending"]
+    except aioredis.ResponseError:  # interrupted before the group was made
+        pending = "-"
     dead = await client.xlen(stream + dead_letter_suffix)
     return stream, await client.xlen(stream), pending, dead, totals.get((stream, group, "acked"), 0), group
