@@ -95,6 +95,8 @@ class Consumer:
         self._recovering: list[str] = []  # streams whose own pending entries are still to recover, one at a time
         self._recover_from = "0"  # last id recovered of the first of them
         self._history: dict[str, str] | None = None  # last id seen per stream while re-reading after a reconnect
+        self._recovered = False
+        dispatcher.recovery.begin()
         self._outage = Outage(f"consumer {name} group={group}", stats.problems)
         self._refused = Outage(f"consumer {name} group={group} settle", stats.problems, REFUSED_BACKOFF_CAP_S)
 
@@ -138,7 +140,7 @@ class Consumer:
         self.stats.received(self.group, {stream: len(messages) for stream, messages in batch.items()})
         with KeepClaimed(self.streams, self.group, self.name, lambda: ids_by_stream(batch),
                          self.settings.claim_idle_ms):
-            return await self.dispatcher.dispatch(self.group, self.handlers, batch)
+            return await self.dispatcher.dispatch(self.group, self.handlers, batch, alone=not self._recovered)
 
     def _settled(self, settlement: Settlement | None) -> None:
         """Count what the server confirmed of `settlement`, at the end of its life (written or given up), and tell
@@ -174,6 +176,9 @@ class Consumer:
     async def _read(self, settlement: Settlement | None) -> dict[str, list[Message]]:
         if self._recovering:
             return await self._recover(settlement)
+        if not self._recovered:
+            await self._recovery_done(settlement)
+            return {}
         history = self._history
         ids = history or dict.fromkeys(self.handlers, NEW)
         block = None if history else self.settings.block_ms
@@ -194,12 +199,20 @@ class Consumer:
         if not entries:
             self._recovering.pop(0)
             self._recover_from = "0"
-            if not self._recovering:
-                logger.debug("consumer %s group=%s: own pending entries recovered", self.name, self.group)
             return {}
         counts = await self.channel.deliveries(stream, self.group, self.name, entries)
         self._recover_from = _id(entries[-1])
         return {stream: self._decode(stream, entries, counts)}
+
+    async def _recovery_done(self, settlement: Settlement | None) -> None:
+        """This consumer's own pending entries are recovered: settle the last one, then wait for the process's other
+        loops to finish theirs before reading new entries."""
+        if settlement is not None:
+            await self.channel.settle(settlement)  # raises like a read would, for _step to handle
+        logger.debug("consumer %s group=%s: own pending entries recovered", self.name, self.group)
+        self._recovered = True
+        self.dispatcher.recovery.finished()
+        await until(self.dispatcher.recovery.done, self.stopping)
 
     async def _decode_history(self, history: dict[str, str], reply: dict[str, list[RawEntry]]
                               ) -> dict[str, list[Message]]:
@@ -233,6 +246,16 @@ class Consumer:
         else:
             await self._outage.failed(error, self.stopping)  # the group exists, the error persists: slow down
         self._reread_own_pending()
+
+
+async def until(event: asyncio.Event, stopping: asyncio.Event) -> None:
+    """Wait for `event`, or for `stopping`."""
+    waits = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(stopping.wait())]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 async def resend_refused(channel: Channel, settlement: Settlement, error: SettleRefused, refused: Outage,

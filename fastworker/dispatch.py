@@ -15,13 +15,14 @@ thread for sync handlers, since a thread cannot be interrupted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from fastworker.app import Dedup, Handler
@@ -85,6 +86,8 @@ class Dispatcher:
         self.max_deliveries = max_deliveries
         self.backoff = backoff or Backoff()  # for handlers that declare none
         self._failures = FailureLog()
+        self.isolation = Isolation()
+        self.recovery = Recovery()
         self.dead_letter_suffix = dead_letter_suffix
         self._slots = asyncio.Semaphore(concurrency)
         self._threads = HandlerThreads()
@@ -93,14 +96,18 @@ class Dispatcher:
         self._watchdog: asyncio.TimerHandle | None = None
 
     async def dispatch(self, group: str, handlers: Mapping[str, Handler],
-                       batch: Mapping[str, list[Message]]) -> Settlement:
-        """Handle every message of `batch` (per stream) and decide each one's fate."""
+                       batch: Mapping[str, list[Message]], alone: bool = False) -> Settlement:
+        """Handle every message of `batch` (per stream) and decide each one's fate.
+
+        `alone`: the batch is a crash suspect (an entry whose worker died while handling it): it runs with nothing
+        else of this process in flight, so that if it kills the process again, it is the only one charged."""
         settlement = Settlement(group)
         runs = [self._stream(handlers[stream], messages, settlement) for stream, messages in batch.items()]
-        if len(runs) == 1:
-            await runs[0]
-        else:
-            await asyncio.gather(*runs)
+        async with self.isolation.alone() if alone else self.isolation.shared():
+            if len(runs) == 1:
+                await runs[0]
+            else:
+                await asyncio.gather(*runs)
         return settlement
 
     def _runnable(self, handler: Handler, messages: list[Message], dead_stream: str,
@@ -415,6 +422,67 @@ class Dispatcher:
         # Never join user threads on the event loop: the drain has waited as long as it may, and a thread that is
         # still running (a sync handler past its timeout) must not hold the process after the grace period.
         self._threads.close()
+
+
+class Recovery:
+    """The loops of one process recover what their predecessors under the same names left pending (one entry at a
+    time) before any of them reads new entries: new entries read meanwhile would wait, delivered and charged, while
+    a suspect might kill the process."""
+
+    def __init__(self) -> None:
+        self._left = 0
+        self.done = asyncio.Event()
+        self.done.set()
+
+    def begin(self) -> None:
+        self._left += 1
+        self.done.clear()
+
+    def finished(self) -> None:
+        self._left -= 1
+        if self._left <= 0:
+            self.done.set()
+
+
+class Isolation:
+    """Crash suspects run alone in their process: a batch marked `alone` waits until the batches in flight are
+    done and holds back new ones until it is done itself. Ordinary batches share the process freely; entering
+    costs them a counter when no suspect is waiting."""
+
+    def __init__(self) -> None:
+        self._shared = 0
+        self._suspects = 0  # suspects running or waiting to
+        self._lock = asyncio.Lock()  # one suspect at a time
+        self._clear = asyncio.Event()  # no suspect running or waiting
+        self._clear.set()
+        self._drained = asyncio.Event()  # no ordinary batch in flight
+        self._drained.set()
+
+    @contextlib.asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        while self._suspects:
+            await self._clear.wait()
+        self._shared += 1
+        self._drained.clear()
+        try:
+            yield
+        finally:
+            self._shared -= 1
+            if not self._shared:
+                self._drained.set()
+
+    @contextlib.asynccontextmanager
+    async def alone(self) -> AsyncIterator[None]:
+        self._suspects += 1
+        self._clear.clear()
+        try:
+            async with self._lock:
+                await self._drained.wait()
+                yield
+        finally:
+            self._suspects -= 1
+            if not self._suspects:
+                self._clear.set()
 
 
 class HandlerThreads:

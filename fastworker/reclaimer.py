@@ -26,7 +26,7 @@ from collections.abc import Mapping
 
 from fastworker.app import Handler
 from fastworker.config import Settings
-from fastworker.consumer import REFUSED_BACKOFF_CAP_S, KeepClaimed, Outage, ids_by_stream, resend_refused
+from fastworker.consumer import REFUSED_BACKOFF_CAP_S, KeepClaimed, Outage, ids_by_stream, resend_refused, until
 from fastworker.dispatch import Dispatcher
 from fastworker.errors import FastworkerError, SettleRefused
 from fastworker.message import RawEntry, decode_entries, text
@@ -55,6 +55,7 @@ class Reclaimer:
         self._refused = Outage(f"reclaimer {claimer} settle", stats.problems, REFUSED_BACKOFF_CAP_S)
         self._wake = asyncio.Event()  # set to look again before the planned time (a retry parked, a stop)
         self._wake_at = float("inf")  # loop time of the next planned pass
+        dispatcher.recovery.begin()
 
     async def run(self) -> None:
         interval = self.settings.claim_interval_ms / 1000
@@ -65,6 +66,8 @@ class Reclaimer:
                     if not recovered:  # first what a predecessor under our name left, then the regular sweep
                         await self.recover_own()
                         recovered = True
+                        self.dispatcher.recovery.finished()
+                        await until(self.dispatcher.recovery.done, self.stopping)
                     next_due = await self.sweep()
                     self._outage.recovered()
                 except FastworkerError as exc:
@@ -116,7 +119,7 @@ class Reclaimer:
                 rows = await self.channel.pending_idle(stream, group, 0, "-", self.settings.batch_size, self.claimer)
                 for entry_id, _, deliveries in rows:
                     if not self.stopping.is_set():
-                        claimed += await self._claim(group, stream, handler, {entry_id: deliveries}, 0)
+                        claimed += await self._claim(group, stream, handler, {entry_id: deliveries}, 0, alone=True)
         return claimed
 
     async def _due_retries(self, group: str, stream: str, handler: Handler) -> float | None:
@@ -144,11 +147,11 @@ class Reclaimer:
                                                        self.settings.batch_size, consumer)
             for entry_id, _, deliveries in rows:
                 if not self.stopping.is_set():
-                    claimed += await self._claim(group, stream, handler, {entry_id: deliveries})
+                    claimed += await self._claim(group, stream, handler, {entry_id: deliveries}, alone=True)
         return claimed
 
     async def _claim(self, group: str, stream: str, handler: Handler, wanted: dict[bytes, int],
-                     min_idle_ms: int | None = None) -> int:
+                     min_idle_ms: int | None = None, alone: bool = False) -> int:
         """Claim `wanted` (raw id -> deliveries so far), handle what was claimed, and settle it."""
         idle = self.settings.claim_idle_ms if min_idle_ms is None else min_idle_ms
         entries = await self.channel.claim(stream, group, self.claimer, idle, list(wanted))
@@ -159,11 +162,11 @@ class Reclaimer:
             existing = await self.channel.existing(stream, sorted(missing))
             deleted = [entry_id for entry_id in sorted(missing) if entry_id not in existing]
         if entries or deleted:
-            await self._handle(group, stream, handler, entries, counts, deleted)
+            await self._handle(group, stream, handler, entries, counts, deleted, alone)
         return len(entries)
 
     async def _handle(self, group: str, stream: str, handler: Handler, entries: list[RawEntry],
-                      counts: dict[str, int], deleted: list[str]) -> None:
+                      counts: dict[str, int], deleted: list[str], alone: bool = False) -> None:
         settlement = Settlement(group)
         if entries:
             messages = decode_entries(stream, entries, counts, handler.payload, handler.payload_field, handler.typed)
@@ -173,7 +176,7 @@ class Reclaimer:
             batch = {stream: messages}
             with KeepClaimed(self.streams, group, self.claimer, lambda: ids_by_stream(batch),
                              self.settings.claim_idle_ms):
-                settlement = await self.dispatcher.dispatch(group, {stream: handler}, batch)
+                settlement = await self.dispatcher.dispatch(group, {stream: handler}, batch, alone)
         if deleted:
             logger.warning("%d pending entries were deleted before being handled stream=%s group=%s ids=%s",
                            len(deleted), stream, group, ",".join(deleted[:10]))

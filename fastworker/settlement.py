@@ -44,11 +44,11 @@ def retry_key(stream: str, group: str) -> str:
 # field values than this goes through the transaction instead of the script.
 SCRIPT_MAX_VALUES = 7_000
 
-# Settles the entries with small outputs, atomically: an entry's outputs are written only if its XACK removed it
-# from the PEL, i.e. only by the consumer that settles it first. Before anything is written, every key is checked for
-# its type and every write for the user's permission, so the script either runs whole or writes nothing (a Lua
-# script that fails part-way keeps what it did). Past the first write, the server does not refuse later writes for
-# memory, so nothing fails in the middle.
+# Settles the entries with small outputs, atomically: an entry's outputs are written only if it is still pending
+# (so its XACK will settle it), i.e. only by the consumer that settles it first. In three passes, so that nothing
+# can be acked without its outputs: before anything is written, every key is checked for its type and every write
+# for the user's permission; then the outputs of the entries still pending are added, and if one XADD fails (a
+# stream whose ID space is exhausted, say) those just added are deleted again and nothing is acked; then the acks.
 # KEYS: every stream touched, sources first. ARGV: group, source count, then per entry: stream, id, output count,
 # then per output: stream, value count, values. Returns one flag per entry: 1 settled here, 0 settled before.
 SETTLE_SCRIPT = """
@@ -65,46 +65,66 @@ for k, key in ipairs(KEYS) do
     return redis.error_reply('NOPERM this user may not XADD to ' .. key)
   end
 end
-local group, i, flags = ARGV[1], 3, {}
+local group, i, entries, added = ARGV[1], 3, {}, {}
 while i <= #ARGV do
-  local acked = redis.call('XACK', ARGV[i], group, ARGV[i + 1])
-  local outputs = tonumber(ARGV[i + 2])
+  local stream, id, outputs = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  local pending = #redis.call('XPENDING', stream, group, id, id, 1) == 1
+  entries[#entries + 1] = {stream, id, pending}
   i = i + 3
   for _ = 1, outputs do
     local count = tonumber(ARGV[i + 1])
-    if acked == 1 then
-      redis.call('XADD', ARGV[i], '*', unpack(ARGV, i + 2, i + 1 + count))
+    if pending then
+      local out = redis.pcall('XADD', ARGV[i], '*', unpack(ARGV, i + 2, i + 1 + count))
+      if type(out) == 'table' and out.err then
+        for _, done in ipairs(added) do redis.pcall('XDEL', done[1], done[2]) end
+        return redis.error_reply('XADD to ' .. ARGV[i] .. ' failed, nothing was settled: ' .. out.err)
+      end
+      added[#added + 1] = {ARGV[i], out}
     end
     i = i + 2 + count
   end
-  flags[#flags + 1] = acked
+end
+local flags = {}
+for n, entry in ipairs(entries) do
+  flags[n] = entry[3] and redis.call('XACK', entry[1], group, entry[2]) or 0
 end
 return flags
 """
 
 # The end of one large entry's transaction: MULTI, XADD of each output (sent by the client, so no unpack limit),
-# then this script, then EXEC. EXEC runs it all with nothing in between, so if the XACK did not settle the entry
-# (settled elsewhere first), or an output key is not a stream (its XADD failed), the outputs just added are the
-# newest entries of their streams and are deleted again: nobody can have read them.
-# KEYS[1]: source stream, then the output streams (distinct). ARGV: group, entry id, then per output stream the
-# number of entries the transaction added to it. Returns 1 settled here, 0 settled before.
+# then this script, then EXEC. EXEC runs it all with nothing in between, so the newest entries of the output streams
+# are the ones just added, if their XADDs worked: each is checked against its fingerprint (value count, first field
+# and value). The entry is acked only if every output is there; otherwise (an XADD failed: a key of the wrong type,
+# an exhausted ID space), or if the entry was settled elsewhere first, the outputs just added are deleted again:
+# nobody can have read them. KEYS[1]: source stream, then the output streams (distinct). ARGV: group, entry id,
+# then per output stream: how many outputs it got, then per output: value count, first field, first value.
+# Returns 1 settled here, 0 settled before.
 LARGE_OUTPUT_SCRIPT = """
-local wrong = nil
+local ours, complete, a = {}, true, 3
 for k = 2, #KEYS do
-  local kind = redis.call('TYPE', KEYS[k])['ok']
-  if kind ~= 'stream' then wrong = KEYS[k] .. ' holds a ' .. kind .. ', not a stream' end
-end
-local acked = 0
-if wrong == nil then acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) end
-if acked == 1 then return 1 end
-for k = 2, #KEYS do
+  local n = tonumber(ARGV[a])
+  local newest = {}
   if redis.call('TYPE', KEYS[k])['ok'] == 'stream' then
-    for _, entry in ipairs(redis.call('XREVRANGE', KEYS[k], '+', '-', 'COUNT', tonumber(ARGV[k + 1]))) do
-      redis.call('XDEL', KEYS[k], entry[1])
+    newest = redis.call('XREVRANGE', KEYS[k], '+', '-', 'COUNT', n)
+  end
+  for j = 1, n do
+    local fp = a + 1 + (n - j) * 3
+    local entry = newest[j]
+    if entry and #entry[2] == tonumber(ARGV[fp]) and entry[2][1] == ARGV[fp + 1] and entry[2][2] == ARGV[fp + 2] then
+      ours[#ours + 1] = {KEYS[k], entry[1]}
+    else
+      complete = false
     end
   end
+  a = a + 1 + 3 * n
 end
-if wrong ~= nil then return redis.error_reply('WRONGTYPE ' .. wrong) end
+local acked = 0
+if complete then acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) end
+if acked == 1 then return 1 end
+for _, entry in ipairs(ours) do redis.call('XDEL', entry[1], entry[2]) end
+if not complete then
+  return redis.error_reply('an output of entry ' .. ARGV[2] .. ' was not written; nothing was settled')
+end
 return 0
 """
 
@@ -367,13 +387,15 @@ def settle_script_call(group: str, records: Sequence[Record]) -> Command:
 
 
 def large_output_transaction(group: str, record: Record) -> list[Command]:
-    added: dict[str, int] = {}
+    fingerprints: dict[str, list[FieldValue]] = {}
     commands: list[Command] = [("MULTI",)]
     for out_stream, values in record.outputs:
         commands.append(("XADD", out_stream, "*", *values))
-        added[out_stream] = added.get(out_stream, 0) + 1
-    commands.append(("EVAL", LARGE_OUTPUT_SCRIPT, 1 + len(added), record.stream, *added,
-                     group, record.entry_id, *added.values()))
+        fingerprints.setdefault(out_stream, []).extend([len(values), values[0], values[1]])
+    args: list[FieldValue] = [group, record.entry_id]
+    for prints in fingerprints.values():
+        args += [len(prints) // 3, *prints]
+    commands.append(("EVAL", LARGE_OUTPUT_SCRIPT, 1 + len(fingerprints), record.stream, *fingerprints, *args))
     commands.append(("EXEC",))
     return commands
 
