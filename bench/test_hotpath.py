@@ -11,12 +11,14 @@ import asyncio
 from typing import Any
 
 import hiredis
+import msgspec
 import pytest
 
 from bench.common import payload
 from fastworker.app import App
 from fastworker.dispatch import Dispatcher
 from fastworker.message import Message, decode_entries
+from fastworker.payloads import PayloadType
 from fastworker.settlement import Settlement
 from fastworker.streams import pack
 
@@ -59,6 +61,31 @@ def test_decode_batch(benchmark: Any) -> None:
     entries = _entries()
     messages = benchmark(decode_entries, STREAM, entries, 1)
     assert len(messages) == BATCH and messages[-1].payload["job_id"] == f"job_{BATCH - 1:010d}"
+
+
+class Params(msgspec.Struct, frozen=True):
+    days: int
+    min_support: float
+
+
+class AnalysisJob(msgspec.Struct):
+    """The sample job as a typed handler declares it (fastworker.payloads)."""
+
+    job_id: str
+    shop_id: str
+    shop_domain: str
+    type: str
+    trigger: str
+    requested_at: str
+    params: Params
+
+
+def test_decode_batch_typed(benchmark: Any) -> None:
+    entries = _entries()
+    typed = PayloadType(AnalysisJob)
+    messages = benchmark(decode_entries, STREAM, entries, 1, "auto", "data", typed)
+    assert len(messages) == BATCH and messages[-1].payload.job_id == f"job_{BATCH - 1:010d}"
+    assert messages[0].payload.params == Params(90, 0.01)
 
 
 @pytest.fixture
