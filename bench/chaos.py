@@ -466,7 +466,8 @@ class Chaos:
             self.log.restart_s.append(time.monotonic() - killed)
         else:
             self.log.not_restarted += 1
-            self.note(f"worker slot {slot} not replaced within 60 s of the kill of pid={victim}")
+            why = "the fleet exited" if not self.fleet.alive() else "not within 60 s"
+            self.note(f"worker slot {slot} not replaced after the kill of pid={victim}: {why}")
 
     async def manager_kill(self) -> None:
         managers = children(self.fleet.pid, "fw-manager")
