@@ -49,8 +49,8 @@ def fields_of(record: logging.LogRecord) -> tuple[str, dict[str, Any]]:
     try:
         template = _CONVERSION.sub(take, record.msg)
         message = template % tuple(kept_args) if kept_args or "%" in template else template
-    except (TypeError, ValueError):  # a message that does not match its arguments: keep it as logging renders it
-        return record.getMessage(), {}
+    except (TypeError, ValueError):  # a message that does not match its arguments: shown as it was written
+        return str(record.msg), {}
     return message.strip(), fields
 
 

@@ -3,9 +3,13 @@
 - `/healthz`: every worker process alive and its loop reporting (liveness).
 - `/readyz`: the server reachable, every group of the app present, and no worker reporting a problem that waiting
   does not cure, such as a settle the server refuses (readiness). `/healthz` turns red on such a problem too.
+- `/inspect`: what every worker process is doing, as JSON (`fastworker inspect`): its consumers, handlers, the
+  handler calls in flight with their running time, and its recent failures, from the workers' last reports.
 - `/metrics`: Prometheus text, counters and histograms added up over all worker processes (including the ones a
   restart replaced, so counters never go down), and gauges (stream length, pending, lag, oldest pending age,
   dead letters) sampled every sample_interval_s, never per message.
+- A progress line in the log every PROGRESS_EVERY_S: the rate, acked, retried and dead since the last one, and the
+  app's groups' lag and pending, so that a fleet says what it is doing without a dashboard.
 - Housekeeping on timers: safe trimming (`trim_interval_s`) of the app's streams and of the output streams named
   in `output_streams` (by their retention limits), and removal of dead consumers, those with nothing pending that
   have been idle longer than `dead_consumer_idle_s`.
@@ -18,9 +22,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Protocol
 
+import orjson
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
@@ -28,7 +34,7 @@ from fastworker.app import App
 from fastworker.config import Settings
 from fastworker.errors import FastworkerError
 from fastworker.ops.consumers import remove_dead_consumers
-from fastworker.ops.inspect import Snapshot, check_health, snapshot
+from fastworker.ops.inspect import Snapshot, check_health, groups_info, snapshot
 from fastworker.ops.trim import TrimRefused, housekeeping_plan, safe_trim
 from fastworker.stats import BATCH_BUCKETS, DURATION_BUCKETS_S, OUTCOMES
 from fastworker.streams import Streams
@@ -36,6 +42,9 @@ from fastworker.streams import Streams
 logger = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 8192
+PROGRESS_EVERY_S = 60.0
+# Serves the whole connection of a request under a mounted path, given the request head already read.
+Mount = Callable[[bytes, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 class Fleet(Protocol):
@@ -48,6 +57,7 @@ class Fleet(Protocol):
     def reports(self) -> list[dict[str, Any]]: ...
     def totals(self) -> dict[tuple[str, str, str], int]: ...
     def alive_count(self) -> int: ...
+    def inspect(self) -> dict[str, Any]: ...
 
 
 class Monitor:
@@ -62,6 +72,8 @@ class Monitor:
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._streams: Streams | None = None
+        self._progress_from: tuple[float, dict[str, int]] = (time.monotonic(), {})
+        self.mounts: dict[str, Mount] = {}  # path prefix -> what serves it (the dashboard mounts itself here)
 
     async def start(self) -> None:
         self._streams = Streams(self.settings)
@@ -71,9 +83,11 @@ class Monitor:
             self._tasks.append(asyncio.create_task(self._every(self.settings.trim_interval_s, self._trim)))
         if self.settings.dead_consumer_idle_s:
             self._tasks.append(asyncio.create_task(self._every(300, self._prune_consumers)))
+        self._progress_from = (time.monotonic(), self._outcomes())
+        self._tasks.append(asyncio.create_task(self._every(PROGRESS_EVERY_S, self._progress, first_after=True)))
         if self.settings.http_port:
             self._server = await asyncio.start_server(self._serve, self.settings.http_host, self.settings.http_port)
-            logger.info("serving /healthz /readyz /metrics on %s:%d", self.settings.http_host,
+            logger.info("serving /healthz /readyz /metrics /inspect on %s:%d", self.settings.http_host,
                         self.settings.http_port)
 
     async def aclose(self) -> None:
@@ -86,8 +100,10 @@ class Monitor:
 
     # -- timers ---------------------------------------------------------------------------------------------
 
-    async def _every(self, interval_s: float, job: Any) -> None:
+    async def _every(self, interval_s: float, job: Any, first_after: bool = False) -> None:
         failing = False
+        if first_after:
+            await asyncio.sleep(interval_s)
         while True:
             try:
                 await job()
@@ -97,9 +113,41 @@ class Monitor:
                 failing = True
             else:
                 if failing:
-                    logger.warning("%s works again", job.__name__.strip("_"))
+                    logger.info("%s works again", job.__name__.strip("_"))
                 failing = False
             await asyncio.sleep(interval_s)
+
+    def _outcomes(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for (_, _, outcome), value in self.fleet.totals().items():
+            counts[outcome] = counts.get(outcome, 0) + value
+        return counts
+
+    async def _progress(self) -> None:
+        """One INFO line: what the fleet did since the last one (summed over its workers' reports) and what waits."""
+        now, counts = time.monotonic(), self._outcomes()
+        since, before = self._progress_from
+        self._progress_from = (now, counts)
+        done = {outcome: counts.get(outcome, 0) - before.get(outcome, 0) for outcome in ("acked", "retried", "dead")}
+        lag, pending = await self._backlog()
+        logger.info("last %.0f s: rate_per_s=%.1f acked=%d retried=%d dead=%d lag=%s pending=%d", now - since,
+                    (done["acked"] + done["dead"]) / max(now - since, 1e-9), done["acked"], done["retried"],
+                    done["dead"], "unknown" if lag is None else lag, pending)
+
+    async def _backlog(self) -> tuple[int | None, int]:
+        """(entries not yet delivered to the app's groups, or None when the server cannot tell; entries pending)."""
+        assert self._streams is not None
+        lag: int | None = 0
+        pending = 0
+        wanted = {(handler.stream, handler.group) for handler in self.app.handlers}
+        for stream in self.app.streams():
+            for group in await groups_info(self._streams, stream) or []:
+                if (stream, _text(group.get("name"))) not in wanted:
+                    continue
+                pending += int(group.get("pending") or 0)
+                group_lag = group.get("lag")
+                lag = None if lag is None or group_lag is None else lag + int(group_lag)
+        return lag, pending
 
     async def _sample(self) -> None:
         assert self._streams is not None
@@ -138,19 +186,30 @@ class Monitor:
     # -- HTTP -----------------------------------------------------------------------------------------------
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        mount: Mount | None = None
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
             method, path = _request_line(head)
-            status, content_type, body = self.respond(method, path)
+            mount = self._mount(path)
+            if mount is None:
+                status, content_type, body = self.respond(method, path)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError):
             status, content_type, body = 400, "text/plain", b"bad request\n"
         except ConnectionError:
+            return
+        if mount is not None:
+            await mount(head, reader, writer)  # it answers and closes the connection
             return
         writer.write(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
                      % (status, _REASONS[status], content_type.encode(), len(body)) + body)
         with contextlib.suppress(ConnectionError):
             await writer.drain()
         writer.close()
+
+    def _mount(self, path: str) -> Mount | None:
+        route = path.split("?", 1)[0]
+        return next((mount for prefix, mount in self.mounts.items()
+                     if route == prefix or route.startswith(prefix + "/")), None)
 
     def respond(self, method: str, path: str) -> tuple[int, str, bytes]:
         """(status, content type, body) for one request."""
@@ -162,11 +221,17 @@ class Monitor:
         if route == "/healthz":
             ok, reason = self.fleet.healthy()
             return (200 if ok else 503), "text/plain", f"{reason}\n".encode()
+        if route == "/inspect":
+            return 200, "application/json", orjson.dumps(self.fleet.inspect())
         if route == "/readyz":
             problems = self.fleet.problems()
             not_ready = self.ready_reason or (problems[0] if problems else None)
             return (503, "text/plain", f"{not_ready}\n".encode()) if not_ready else (200, "text/plain", b"ok\n")
-        return 404, "text/plain", b"not found: try /healthz, /readyz or /metrics\n"
+        return 404, "text/plain", b"not found: try /healthz, /readyz, /metrics or /inspect\n"
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 _REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",

@@ -161,7 +161,9 @@ async def _run_startup_hooks(hooks: list[Hook]) -> None:
     """Run the `on_startup` hooks; one that raises is a StartupFailed naming it, with its own frames only."""
     for hook in hooks:
         try:
-            await _run_hooks([hook])
+            result = hook()
+            if inspect.isawaitable(result):
+                await result
         except Exception as exc:  # user code
             name = getattr(hook, "__qualname__", repr(hook))
             frames = exc.__traceback__.tb_next if exc.__traceback__ is not None else None  # from the hook down
