@@ -9,8 +9,9 @@ pending entries at once.
 Deaths are judged by whether the child had become ready (connected, groups checked, loops running). A child that
 dies after that (an OOM kill, an operator's SIGKILL, a crash in a handler) is restarted with a per-slot backoff that
 grows while it keeps dying (capped, jittered) and starts over once a child has stayed up STABLE_AFTER_S. A child
-that dies before it was ready (the import, the config, the connection), or that cannot be started at all, is a
-crash: crash_loop_restarts of those within crash_loop_window_s stop the fleet with CRASH_LOOP, leaving the decision
+that dies before it was ready (the import, the config, a failing start-up hook) by its own failure, or that
+cannot be started at all, is a crash (one killed from outside by SIGKILL or SIGTERM while it waits for the server is
+not): crash_loop_restarts of those within crash_loop_window_s stop the fleet with CRASH_LOOP, leaving the decision
 to systemd or Kubernetes. Each death is logged once, with its exit code or signal.
 
 Signals (the rule of `fastworker.signals`): the first SIGTERM or SIGINT makes the supervisor tell every child to
@@ -63,6 +64,9 @@ from fastworker.proc import describe_exit, die_with_parent, set_process_name
 from fastworker.signals import StopSignals
 from fastworker.streams import Streams
 from fastworker.worker import StartupFailed, Worker, serve
+
+# Exit codes of a process stopped by a signal someone sent it (negative: multiprocessing's convention).
+OUTSIDE_KILLS = frozenset({-signal.SIGKILL, -signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP})
 
 logger = logging.getLogger(__name__)
 
@@ -241,8 +245,10 @@ class Supervisor:
                        before_ready=False, stable=uptime >= STABLE_AFTER_S)
         else:
             cause = f": {failure['reason']}" if failure else ""
+            # Killed from outside (an operator, an OOM killer) while it waited for the server, say: that is not
+            # the worker failing to start, so it is restarted with backoff like a ready one, never a crash loop.
             self._died(slot, f"pid={process.pid} {describe_exit(code)} before it was ready{cause}",
-                       before_ready=True, details=(failure or {}).get("traceback") or "")
+                       before_ready=code not in OUTSIDE_KILLS, details=(failure or {}).get("traceback") or "")
 
     def _died(self, slot: Slot, what: str, before_ready: bool, stable: bool = False,
               exc_info: BaseException | None = None, details: str = "") -> None:

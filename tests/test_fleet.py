@@ -407,3 +407,31 @@ def test_fleet_health_turns_red_while_the_server_refuses_to_settle(fleet: Fleet)
     assert fleet.stop() == ExitCode.OK
     assert fleet.client.xlen(f"{fleet.stream}:dead") == 5
     assert sum(fleet.calls().values()) == 5  # not handled again while refused
+
+
+def test_fleet_workers_killed_while_the_server_is_paused_are_not_a_crash_loop(uid: str, tmp_path: Path) -> None:
+    # A replacement cannot become ready while the server is stopped; killing it from outside (an operator, the OOM
+    # killer) is not the worker failing to start, so it must not end the fleet as a crash loop.
+    with EmbeddedServer(data_dir=tmp_path / "data") as own:
+        running = Fleet(own, uid, tmp_path)
+        try:
+            running.publish(100)
+            running.start("--processes", "1", "--crash-loop-restarts", "3", "--crash-loop-window-s", "60")
+            running.wait(lambda: len(running.calls()) == 100, what="the first jobs")
+            assert own.process is not None
+            own.process.send_signal(signal.SIGSTOP)
+            try:
+                for _ in range(5):
+                    running.wait(lambda: len(running.workers()) == 1, what="a worker")
+                    victim = running.workers()[0]
+                    os.kill(victim, signal.SIGKILL)
+                    running.wait(lambda v=victim: not alive(v), what="the kill")
+            finally:
+                own.process.send_signal(signal.SIGCONT)
+            running.publish(100)
+            running.wait(lambda: running.pending() == 0 and running.client.xlen(running.results) == 200,
+                         timeout_s=60, what="jobs after the pause")
+            assert running.stop() == ExitCode.OK
+            assert "crash loop" not in running.output()
+        finally:
+            running.close()
