@@ -53,6 +53,8 @@ COMMAND_MODULES = (
     "fastworker.commands.trim",
     "fastworker.commands.publish",
     "fastworker.commands.tail",
+    "fastworker.commands.inspect",
+    "fastworker.commands.check",
 )
 
 CONNECTION_FIELDS = ("redis_url", "socket_timeout_s")
