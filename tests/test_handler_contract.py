@@ -4,6 +4,7 @@ retrying, typed payloads, tracebacks in dead letters, and a failure log that doe
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
 from typing import TypedDict
@@ -41,7 +42,7 @@ EARLY_S, LATE_S = 0.02, 0.4
 
 
 def _gaps(times: list[float]) -> list[float]:
-    return [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
+    return [later - earlier for earlier, later in itertools.pairwise(times)]
 
 
 async def test_backoff_spaces_the_retries_of_a_failing_entry(server: EmbeddedServer, rc: aioredis.Redis,
