@@ -142,7 +142,7 @@ class HelpFormatter(argparse.HelpFormatter):
         if (not action.option_strings or "default" in text or action.default in (None, False, argparse.SUPPRESS)
                 or action.default == []):
             return text
-        return f"{text} (default: %(default)s)"
+        return f"{text} (default: {shown(action.default).replace('%', '%%')})"
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
         if "\n" in text.strip():
@@ -186,11 +186,15 @@ def _setting_help(field: Any) -> str:
             text = text.replace(other.name, config.flag_name(other.name))
     if "default" not in text and field.default is not dataclasses.MISSING:
         unit = " ms" if field.name.endswith("_ms") else " s" if field.name.endswith("_s") else ""
-        default = field.default
-        shown = (",".join(default) or "none") if isinstance(default, tuple) else f"{default:g}" if isinstance(
-            default, float) else str(default)
-        text += f" (default: {shown}{unit})"
+        text += f" (default: {shown(field.default)}{unit})"
     return f"{text} [{config.env_name(field.name)}]".replace("%", "%%")
+
+
+def shown(default: Any) -> str:
+    """A default as help shows it: 3600 rather than 3600.0, a list as a comma list (none when empty)."""
+    if isinstance(default, tuple | list):
+        return ",".join(map(str, default)) or "none"
+    return f"{default:g}" if isinstance(default, float) else str(default)
 
 
 def add_connection_flags(parser: argparse.ArgumentParser) -> None:

@@ -80,8 +80,9 @@ class Settings:
     dead_consumer_idle_s: float = _field(86400.0, help="drop consumers idle this long with nothing pending (0: never)")
     log_level: str = _field("INFO", help="DEBUG, INFO, WARNING or ERROR")
     log_format: str = _field("text", help="text or json (one object a line)")
-    output_streams: tuple[str, ...] = _field((), help="streams the handlers write results to, comma-separated: "
-                                             "housekeeping trims them by the output limits below (default none)")
+    output_streams: tuple[str, ...] = _field((), help="streams the handlers write results to, comma-separated "
+                                             "(default none): the fleet's housekeeping trims them to the output "
+                                             "limits")
     output_max_age_s: float = _field(86400.0, help="output streams keep nothing older than this (0: no age limit)")
     output_max_len: int = _field(0, help="output streams keep at most this many newest entries (0: no limit)")
 

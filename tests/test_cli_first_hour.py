@@ -320,6 +320,13 @@ def test_dlq_list_of_a_missing_stream_says_so_and_exits_1(capsys: pytest.Capture
     assert err.startswith(f"fastworker: error: stream '{uid}:nosuch' does not exist")
 
 
+def test_replay_of_a_missing_stream_says_so_and_exits_1(capsys: pytest.CaptureFixture[str],
+                                                        server: EmbeddedServer, uid: str) -> None:
+    code, _, err = cli(capsys, "replay", f"{uid}:nosuch", "--from", "-", "--to", "+", "--redis-url", server.url)
+    assert code == ExitCode.FAILURE
+    assert err == f"fastworker: error: stream '{uid}:nosuch' does not exist\n"
+
+
 def test_dlq_list_of_an_absent_error_class_lists_the_classes_present(capsys: pytest.CaptureFixture[str],
                                                                      server: EmbeddedServer, r: redis.Redis,
                                                                      uid: str) -> None:
@@ -342,7 +349,7 @@ def test_help_shows_defaults_and_units() -> None:
     assert "--block-ms MS how long one XREADGROUP waits for new entries (BLOCK) (default: 2000 ms)" in run_help
     assert "(default: 30 s) [FASTWORKER_HANDLER_TIMEOUT_S]" in run_help
     assert "--dead-after-s S a consumer with zero pending idle longer than this many seconds is dead (default: " \
-           "3600.0)" in " ".join(text["fastworker status"].split())
+           "3600)" in " ".join(text["fastworker status"].split())
 
 
 def test_every_option_with_a_default_shows_it() -> None:

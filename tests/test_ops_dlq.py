@@ -187,7 +187,7 @@ async def test_dlq_requeue_round_trip_is_handled_and_acked(server: EmbeddedServe
         await wait_for(lambda: _length_is(rc, stream + ":dead", 1), what="the dead letter")
         state["reject"] = False
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "fastworker", "dlq", "requeue", stream, "--redis-url", server.url,
+            sys.executable, "-m", "fastworker", "dlq", "requeue", stream, "--redis-url", server.url, "--yes",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         _, err = await proc.communicate()
         assert proc.returncode == ExitCode.OK, err

@@ -14,7 +14,7 @@ from fastworker.cli import settings_from_args
 from fastworker.commands.output import UsageError, print_json
 from fastworker.commands.status import add_common_flags, run_with_streams
 from fastworker.errors import ExitCode
-from fastworker.ops.inspect import parse_id
+from fastworker.ops.inspect import parse_id, require_stream
 from fastworker.ops.replay import ReplayPlan, ResetPlan, plan_replay, plan_reset, replay, reset_group
 from fastworker.streams import Streams
 
@@ -64,6 +64,7 @@ def replay_command(args: argparse.Namespace) -> int:
 
 
 async def _range(streams: Streams, args: argparse.Namespace) -> None:
+    await require_stream(streams, args.stream)  # a misspelt name is an error, not "nothing to replay"
     plan = await plan_replay(streams, args.stream, args.start, args.end, args.to_stream)
     new_ids = await replay(streams, plan) if args.yes else []
     if args.json:

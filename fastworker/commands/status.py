@@ -58,9 +58,11 @@ Rates = dict[tuple[str, str | None], dict[str, float | None]]  # (stream, group 
 
 # --- helpers shared by the operating commands ---------------------------------------------------------------------
 
-def add_common_flags(parser: argparse.ArgumentParser, json_help: str = "print JSON for scripts") -> None:
+def add_common_flags(parser: argparse.ArgumentParser, json_help: str = "print JSON for scripts",
+                     settings: tuple[str, ...] = ()) -> None:
+    """--json, and the flags of the connection settings, the dead-letter suffix and the `settings` named."""
     parser.add_argument("--json", action="store_true", help=json_help)
-    add_settings_flags(parser, (*CONNECTION_FIELDS, "dead_letter_suffix"))
+    add_settings_flags(parser, (*CONNECTION_FIELDS, "dead_letter_suffix", *settings))
 
 
 def run_with_streams(settings: Settings, work: Callable[[Streams], Awaitable[T]]) -> T:
@@ -100,8 +102,7 @@ def register(sub: Any) -> None:
     parser.add_argument("--watch", type=number(MIN_WATCH_S), default=None, metavar="S",
                         help=f"refresh every S seconds (at least {MIN_WATCH_S:g}) until Ctrl-C, with rates (with "
                              "--json: one JSON document a line)")
-    add_common_flags(parser)
-    add_settings_flags(parser, ("output_streams",))
+    add_common_flags(parser, settings=("output_streams",))
     parser.set_defaults(handler=status)
 
 
