@@ -302,15 +302,14 @@ def test_tail_follow_from_an_id_prints_everything_after_it(server: EmbeddedServe
                 proc.kill()
 
 
-def test_progress_line_redraws_in_place_and_ends_with_a_newline() -> None:
+def test_progress_without_a_terminal_is_one_final_line() -> None:
     out = io.StringIO()
     progress = Progress(out)
     progress(1000)
-    progress(2000)  # within the redraw interval: not drawn
+    progress(2000)
     progress.close()
     text = out.getvalue()
-    assert text.startswith("\rpublished 1,000 entries") and "\rpublished 2,000 entries" in text
-    assert text.endswith("\n") and text.count("\n") == 1
+    assert text.count("\n") == 1 and "published 2,000 entries (" in text and "\x1b[" not in text
 
 
 def test_publish_json_null_is_a_document(capsys: pytest.CaptureFixture[str], server: EmbeddedServer,

@@ -18,6 +18,7 @@ import orjson
 import uvloop
 
 from fastworker.cli import UsageError, add_connection_flags, settings_from_args
+from fastworker.commands.output import colours
 from fastworker.errors import ExitCode, FastworkerError
 from fastworker.publisher import Publisher
 
@@ -151,28 +152,24 @@ def _payloads(lines: IO[bytes], name: str, checking: bool = False) -> Iterator[o
 
 
 class Progress:
-    """A one-line count and rate on a terminal, redrawn at most every PROGRESS_INTERVAL_S."""
+    """The count and rate of entries published so far, live on a terminal (rich redraws it a few times a second,
+    off the publishing path); on anything else, one final line when closed."""
 
     def __init__(self, out: IO[str]) -> None:
-        self._out = out
+        from rich.console import Console
+        from rich.progress import Progress as Live
+        from rich.progress import SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        console = Console(file=out, no_color=not colours(out), highlight=False)
+        self._live = Live(SpinnerColumn(), TextColumn("published {task.completed:,.0f} entries ({task.fields[rate]})"),
+                          TimeElapsedColumn(), console=console, refresh_per_second=1 / PROGRESS_INTERVAL_S)
+        self._task = self._live.add_task("publish", total=None, rate="-/s")
         self._started = time.monotonic()
-        self._drawn = 0.0
-        self._count = 0
+        self._live.start()
 
     def __call__(self, count: int) -> None:
-        self._count = count
-        now = time.monotonic()
-        if now - self._drawn >= PROGRESS_INTERVAL_S:
-            self._drawn = now
-            self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        rate = self._count / max(now - self._started, 1e-9)
-        self._out.write(f"\rpublished {self._count:,} entries ({rate:,.0f}/s)  ")
-        self._out.flush()
+        rate = count / max(time.monotonic() - self._started, 1e-9)
+        self._live.update(self._task, completed=count, rate=f"{rate:,.0f}/s")
 
     def close(self) -> None:
-        if self._count:
-            self._draw(time.monotonic())
-            self._out.write("\n")
-            self._out.flush()
+        self._live.stop()
