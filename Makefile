@@ -6,7 +6,16 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench bench-check bench-baseline clean
 
+# The interpreter is checked first, with one line saying what to do. A .venv left by another Python (a build that
+# failed with an older one, or made by a different version) is rebuilt rather than reused.
+VERSION_OF = -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])'
 $(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+		echo "fastworker needs Python 3.11 or newer; $(PYTHON) is $$($(PYTHON) $(VERSION_OF) 2>/dev/null || \
+			echo missing): run make PYTHON=python3.11 (or newer) $(MAKECMDGOALS)" >&2; exit 1; }
+	@want=$$($(PYTHON) $(VERSION_OF)); have=$$($(BIN)/python $(VERSION_OF) 2>/dev/null || true); \
+	if [ -d $(VENV) ] && [ "$$have" != "$$want" ]; then \
+		echo "rebuilding $(VENV): it was made by Python $${have:-that no longer runs}, not $$want"; rm -rf $(VENV); fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
