@@ -70,10 +70,9 @@ async def _settled_or_refused(rc: aioredis.Redis, stream: str, group: str, probl
     return bool(problems) or await pending_count(rc, stream, group) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="SETTLE_SCRIPT XACKs, then its XADD fails (stream ID space exhausted): a "
-                   "Lua script that errors keeps what it did, so the entry is acked and its result never written")
 async def test_small_result_to_a_stream_that_refuses_xadd_is_not_acked_alone(
         server: EmbeddedServer, rc: aioredis.Redis, uid: str) -> None:
+    # Failed at 79900b6 (acked, result never written: the script XACKed, then its XADD failed); fixed in cc944a2.
     stream, group, results = f"{uid}:jobs", f"{uid}-g", f"{uid}:results"
     await rc.xadd(results, {"last": "possible id"}, id=MAX_ID)  # every XADD * to it now fails
     await publish(rc, stream, [JOB])
@@ -91,10 +90,9 @@ async def test_small_result_to_a_stream_that_refuses_xadd_is_not_acked_alone(
     assert (pending, written) in ((0, 1), (1, 0)), f"pending={pending} results written={written}"
 
 
-@pytest.mark.xfail(strict=True, reason="the dead letter's XADD fails after the script's XACK: the entry is acked "
-                   "and gone, with no dead letter (settlement.py SETTLE_SCRIPT checks only type and ACL)")
 async def test_dead_letter_to_a_stream_that_refuses_xadd_is_not_acked_alone(
         server: EmbeddedServer, rc: aioredis.Redis, uid: str) -> None:
+    # Failed at 79900b6 (acked and gone, no dead letter); fixed in cc944a2.
     stream, group = f"{uid}:jobs", f"{uid}-g"
     await rc.xadd(f"{stream}:dead", {"last": "possible id"}, id=MAX_ID)
     await publish(rc, stream, [JOB])
@@ -110,11 +108,10 @@ async def test_dead_letter_to_a_stream_that_refuses_xadd_is_not_acked_alone(
     assert (pending, written) in ((0, 1), (1, 0)), f"pending={pending} dead letters written={written}"
 
 
-@pytest.mark.xfail(strict=True, reason="LARGE_OUTPUT_SCRIPT only checks key types: the queued XADD failed inside "
-                   "EXEC, the script still XACKs (ack without the output); the resend then finds the entry settled "
-                   "and XDELs the newest entry of the stream its XADD never reached (someone else's entry)")
 async def test_large_result_to_a_stream_that_refuses_xadd_is_not_acked_alone(
         server: EmbeddedServer, rc: aioredis.Redis, uid: str) -> None:
+    # Failed at 79900b6 (acked without the output, then every resend XDELed the newest entry of the results stream,
+    # strangers' entries); fixed in cc944a2.
     stream, group, results = f"{uid}:jobs", f"{uid}-g", f"{uid}:results"
     strangers = [(await rc.xadd(results, {"someone": "else"})).decode() for _ in range(3)]
     strangers.append((await rc.xadd(results, {"last": "possible id"}, id=MAX_ID)).decode())
@@ -473,10 +470,12 @@ def test_killer_with_extreme_batch_sizes(server: EmbeddedServer, uid: str, tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="recovery is one entry at a time per consumer loop, but a process runs one "
-                   "loop per group (and a reclaimer) at once: the other group's recovering entry is in flight each "
-                   "time the killer's group kills the process, so it is charged every death and dead-lettered as "
-                   "KilledWorker without ever failing (consumer.py _recover, worker.py one Consumer per group)")
+@pytest.mark.xfail(strict=True, reason="a recovering entry is charged a delivery when it is read (consumer.py "
+                   "_recover: XREADGROUP of the consumer's own history counts one), before it waits for its turn to "
+                   "run alone (dispatch.py Isolation.alone); when the other group's suspect runs first and kills the "
+                   "process, the waiting entry is charged for that death too, and past max_deliveries it is "
+                   "dead-lettered as KilledWorker though its handler never failed (at 79900b6: it was charged while "
+                   "running concurrently)")
 def test_killer_in_one_group_does_not_charge_another_groups_entries(server: EmbeddedServer, uid: str,
                                                                     tmp_path: Path) -> None:
     # Fan-out: the stream is read by two groups. Group g's handler SIGKILLs its worker on job-3 (0.1 s into the
@@ -508,11 +507,10 @@ def test_killer_in_one_group_does_not_charge_another_groups_entries(server: Embe
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="a restarted process recovers its consumer's own pending entries and its "
-                   "reclaimer's at the same time (worker.py starts both loops at once): the reclaimer's retried "
-                   "killer dies while the consumer's first recovered entry is in flight, charging it again")
 def test_retried_killer_does_not_charge_the_consumers_recovering_entries(server: EmbeddedServer, uid: str,
                                                                          tmp_path: Path) -> None:
+    # Failed at 79900b6 (job-15 handled 3 times: the reclaimer's recovered killer died while the consumer's first
+    # recovered entry was in flight); fixed in cc944a2 (recovery runs alone in the process).
     # job-0 raises on its first delivery (parked for a retry ~1 s later), then kills its worker 0.1 s into every
     # later call; the 40 others take 0.5 s each, 5 to a batch, so the consumer is mid-batch when the retry kills.
     _fleet_case(server, uid, tmp_path, jobs=41, raise_first=("job-0",), slow=0.5, kill_after=0.1,
@@ -780,14 +778,7 @@ async def test_permission_lost_while_a_large_transaction_is_queued(
 
 # -- counters under connection cuts --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("every_s", "max_deliveries"), [
-    (0.2, 5), (0.2, 2),
-    pytest.param(0.03, 5, marks=pytest.mark.xfail(strict=True, reason=(
-        "every reconnect re-reads the consumer's own pending entries as a batch (XREADGROUP 0), which counts a "
-        "delivery for each: after max_deliveries cuts of the same batch, its 100 entries are dead-lettered as "
-        "KilledWorker ('handled alone after the first'), with no crash and no handler failure (consumer.py "
-        "_reread_own_pending/_decode_history, dispatch.py _runnable)"))),
-])
+@pytest.mark.parametrize(("every_s", "max_deliveries"), [(0.2, 5), (0.2, 2)])
 async def test_counters_never_exceed_what_was_sent_with_connections_cut(server: EmbeddedServer, rc: aioredis.Redis,
                                                                        uid: str, every_s: float,
                                                                        max_deliveries: int) -> None:
@@ -988,3 +979,30 @@ def test_cpu_bound_async_batch_longer_than_claim_idle_is_not_handled_twice(serve
     assert sorted(str(r["job_id"]) for r in fleet.results()) == sorted(jobs)  # results stay exactly once
     calls = {job: n for (_, job), n in fleet.calls().items()}
     assert calls == dict.fromkeys(jobs, 1), calls
+
+
+@pytest.mark.xfail(strict=True, reason="every reconnect re-reads the consumer's own pending entries as a batch "
+                   "(XREADGROUP 0), which counts a delivery for each: after max_deliveries lost settlements the whole "
+                   "batch is dead-lettered as KilledWorker ('handled alone after the first'), though no worker died "
+                   "and no handler failed (consumer.py _reread_own_pending/_decode_history, dispatch.py _runnable)")
+async def test_connection_lost_while_a_batch_is_handled_does_not_dead_letter_it(server: EmbeddedServer,
+                                                                                rc: aioredis.Redis, uid: str) -> None:
+    # A flaky network: the worker's connections drop while the first six rounds of this batch are handled, so
+    # their settlements are lost. An outage is ridden out: the entries are handled again, never dead-lettered.
+    stream, group, results = f"{uid}:jobs", f"{uid}-g", f"{uid}:results"
+    await publish(rc, stream, [{"n": i} for i in range(10)])
+    calls: Counter[int] = Counter()
+    app = App()
+
+    @app.handler(stream, group=group)
+    async def handle(msg: Message) -> None:
+        calls[msg.payload["n"]] += 1
+        if calls.total() <= 60:
+            await rc.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        msg.emit(results, {"n": msg.payload["n"]})
+
+    async with RunningWorker(app, make_settings(server, uid)):
+        await wait_for(lambda: _all_settled(rc, stream, group), what="settled")
+    dead = [(f[b"fw:error_class"].decode(), int(f[b"fw:deliveries"])) for _, f in await rc.xrange(f"{stream}:dead")]
+    written = Counter(orjson.loads(f[b"data"])["n"] for _, f in await rc.xrange(results))
+    assert (dead, written) == ([], dict.fromkeys(range(10), 1)), f"dead letters {dead}, calls {dict(calls)}"
