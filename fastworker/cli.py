@@ -55,6 +55,7 @@ COMMAND_MODULES = (
     "fastworker.commands.tail",
     "fastworker.commands.inspect",
     "fastworker.commands.check",
+    "fastworker.commands.dashboard",
 )
 
 CONNECTION_FIELDS = ("redis_url", "socket_timeout_s")

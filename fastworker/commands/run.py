@@ -8,6 +8,7 @@ from typing import Any
 from fastworker import config
 from fastworker.app import load_app
 from fastworker.cli import add_settings_flags, settings_from_args
+from fastworker.commands.dashboard import serve_dashboard
 from fastworker.errors import ExitCode
 from fastworker.supervisor import Supervisor
 
@@ -18,6 +19,9 @@ def register(sub: Any) -> None:
     parser.add_argument("app", metavar="MODULE:ATTR", help="the App to run, e.g. fastworker.demo:app")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved settings and where each came from, then exit")
+    parser.add_argument("--dashboard", action="store_true",
+                        help="serve the web dashboard under /dashboard/ on --http-port, to this machine's clients "
+                             "(needs fastworker[dashboard]; writes need FASTWORKER_DASHBOARD_TOKEN)")
     add_settings_flags(parser)
     parser.set_defaults(handler=run)
 
@@ -35,4 +39,7 @@ def run(args: argparse.Namespace) -> int:
         print_config(settings, sources)
         return ExitCode.OK
     app = load_app(args.app)
-    return Supervisor(args.app, app, settings).run()
+    supervisor = Supervisor(args.app, app, settings)
+    if args.dashboard:
+        serve_dashboard(supervisor)
+    return supervisor.run()
