@@ -140,8 +140,8 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if (not action.option_strings or "default" in text or action.default in (None, False, argparse.SUPPRESS)
-                or action.default == []):
+        if (not action.option_strings or "default" in text or action.default is None or action.default is False
+                or action.default in (argparse.SUPPRESS, [])):
             return text
         return f"{text} (default: {shown(action.default).replace('%', '%%')})"
 

@@ -357,7 +357,8 @@ def test_every_option_with_a_default_shows_it() -> None:
     for parser in parsers():
         formatter = parser._get_formatter()
         for action in options(parser):
-            if action.default not in (None, False, argparse.SUPPRESS, []) and action.help != argparse.SUPPRESS:
+            if (action.default is not None and action.default is not False and action.default not in (
+                    argparse.SUPPRESS, []) and action.help != argparse.SUPPRESS):
                 shown = formatter._expand_help(action) if action.help else ""
                 if "default" not in shown:
                     missing.append(f"{parser.prog} {action.option_strings[0]}")

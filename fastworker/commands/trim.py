@@ -31,13 +31,14 @@ def register(sub: Any) -> None:
                     "a stream without groups is trimmed only with --force, by the window and policy alone.")
     parser.add_argument("stream", metavar="STREAM")
     parser.add_argument("--retain", type=at_least(0), default=0, metavar="N",
-                        help="keep at least the newest N entries (0: no such window)")
+                        help="keep at least the newest N entries (default 0: no such window)")
     parser.add_argument("--retain-s", type=number(), default=0.0, metavar="S",
-                        help="keep at least the entries added in the last S seconds (0: no such window)")
+                        help="keep at least the entries added in the last S seconds (default 0: none)")
     parser.add_argument("--max-len", type=at_least(0), default=0, metavar="N",
-                        help="keep at most the newest N entries, and any older one a group still needs (0: no limit)")
+                        help="keep at most the newest N entries, and any older one a group still needs "
+                             "(default 0: no limit)")
     parser.add_argument("--max-age-s", type=number(), default=0.0, metavar="S",
-                        help="keep nothing older than S seconds but what a group still needs (0: no age limit)")
+                        help="keep nothing older than S seconds but what a group still needs (default 0: no limit)")
     parser.add_argument("--force", action="store_true",
                         help="trim a stream without groups (by the window and the policy alone)")
     parser.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
