@@ -69,3 +69,10 @@ chaos: $(STAMP)
 
 chaos-short: $(STAMP)
 	$(BIN)/python -m bench.chaos $(CHAOS_SHORT)
+
+# The README's screenshot of the dashboard (docs/dashboard.png), taken by its browser test against a running fleet
+# (needs chromium and chromium-driver: apt-get install chromium chromium-driver).
+.PHONY: screenshot
+screenshot: $(STAMP)
+	FASTWORKER_SCREENSHOT=docs/dashboard.png $(BIN)/pytest tests/test_dashboard_browser.py -p no:cacheprovider -q -rs \
+		-k shows_the_servers_numbers

@@ -325,37 +325,6 @@ def unused_tcp_port() -> int:
         return int(sock.getsockname()[1])
 
 
-# --- the command ------------------------------------------------------------------------------------------------
-
-def test_dashboard_command_refuses_a_short_token(capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = cli(capsys, "dashboard", "--token", "short")
-    assert code == 3 and "at least 16 characters" in err
-
-
-def test_run_dashboard_needs_the_http_port(capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = cli(capsys, "run", "tests.fleet_app:app", "--dashboard")
-    assert code == 2 and "--dashboard needs --http-port" in err
-
-
-@pytest.mark.slow
-def test_dashboard_command_serves_until_sigterm(server: EmbeddedServer) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "FASTWORKER_DASHBOARD_TOKEN": TOKEN}
-    argv = [sys.executable, "-m", "fastworker", "dashboard", "--port", "0", "--redis-url", server.url]
-    with subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
-        try:
-            assert process.stdout is not None
-            line = process.stdout.readline()
-            assert "writes need the token" in line, line
-            url = line.split(" on ", 1)[1].split(" ", 1)[0]
-            with urllib.request.urlopen(url, timeout=10) as response:
-                assert response.status == 200 and 'id="unlock"' in response.read().decode()
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(20) == 0
-        finally:
-            if process.poll() is None:
-                process.kill()
-
-
 # --- pure parts -------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("host", "loopback"), [
@@ -447,3 +416,33 @@ async def test_sampler_keeps_the_last_good_sample_through_an_outage(board: Board
     assert "cannot read the server: connection refused" in page.text and "last good sample" in page.text
     assert await board.dashboard.sampler.current() is good
 
+
+# --- the command ------------------------------------------------------------------------------------------------
+
+def test_dashboard_command_refuses_a_short_token(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli(capsys, "dashboard", "--token", "short")
+    assert code == 3 and "at least 16 characters" in err
+
+
+def test_run_dashboard_needs_the_http_port(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli(capsys, "run", "tests.fleet_app:app", "--dashboard")
+    assert code == 2 and "--dashboard needs --http-port" in err
+
+
+@pytest.mark.slow
+def test_dashboard_command_serves_until_sigterm(server: EmbeddedServer) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "FASTWORKER_DASHBOARD_TOKEN": TOKEN}
+    argv = [sys.executable, "-m", "fastworker", "dashboard", "--port", "0", "--redis-url", server.url]
+    with subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
+        try:
+            assert process.stdout is not None
+            line = process.stdout.readline()
+            assert "writes need the token" in line, line
+            url = line.split(" on ", 1)[1].split(" ", 1)[0]
+            with urllib.request.urlopen(url, timeout=10) as response:
+                assert response.status == 200 and 'id="unlock"' in response.read().decode()
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(20) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
@@ -28,6 +27,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MOUNT = "/dashboard"
+INTERVAL_S = 2.0  # how often the fleet's dashboard samples (or every sample_interval_s, when that is shorter)
 
 
 def serve_on_fleet(supervisor: Supervisor, token: str | None) -> None:
@@ -37,7 +37,8 @@ def serve_on_fleet(supervisor: Supervisor, token: str | None) -> None:
         monitor = started.monitor
         assert monitor is not None, "the supervisor runs its hooks after its monitor started"
         dashboard = Dashboard(started.settings, stream_names=started.app.streams(), token=token,
-                              fleet=SupervisorView(started), loopback_clients_only=True)
+                              fleet=SupervisorView(started), loopback_clients_only=True,
+                              interval_s=min(INTERVAL_S, started.settings.sample_interval_s))
         app = Starlette(routes=[Mount(MOUNT, app=create_app(dashboard))])
         monitor.mounts[MOUNT] = functools.partial(serve_asgi, app)
         logger.info("serving the dashboard on http://127.0.0.1:%d%s/ (%s; loopback clients only)",
@@ -47,14 +48,16 @@ def serve_on_fleet(supervisor: Supervisor, token: str | None) -> None:
 
 
 class SupervisorView:
-    """The fleet as the dashboard shows it: worker processes and handlers."""
+    """The fleet as the dashboard shows it: `Supervisor.inspect()` (what `fastworker inspect` shows: consumers,
+    handlers, calls in flight, recent failures) with each process's counts by outcome, restarts and problems."""
 
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
 
     def workers(self) -> list[dict[str, Any]]:
-        now = time.monotonic()
-        return [worker_row(slot, now) for slot in self.supervisor.slots]
+        rows = self.supervisor.inspect()["workers"]
+        slots = {slot.index: slot for slot in self.supervisor.slots}
+        return [{**row, **slot_facts(slots[row["index"]])} for row in rows if row["index"] in slots]
 
     def handlers(self) -> list[dict[str, str]]:
         return [{"stream": h.stream, "group": h.group, "handler": h.name,
@@ -62,21 +65,11 @@ class SupervisorView:
                 for h in self.supervisor.app.handlers]
 
 
-def worker_row(slot: Slot, now: float) -> dict[str, Any]:
-    """One worker process: state, consumers, restarts, counts by outcome, problems and calls in flight."""
+def slot_facts(slot: Slot) -> dict[str, Any]:
+    """What inspect() leaves out: the process's counts by outcome, its slot's restarts, and its problems."""
     stats = slot.stats or {}
     counts: dict[str, int] = {}
     for _stream, _group, outcome, value in stats.get("counts", ()):
         counts[outcome] = counts.get(outcome, 0) + value
-    if slot.alive and slot.ready:
-        state = "ready"
-    elif slot.down is not None:
-        state = "restarting"
-    else:
-        state = "starting" if slot.alive else "stopped"
-    return {"index": slot.index, "pid": slot.process.pid if slot.process is not None and slot.alive else None,
-            "state": state, "reason": slot.down, "consumers": list(slot.names), "restarts": slot.restarts,
-            "report_age_s": round(now - slot.last_beat, 1) if slot.last_beat else None, "counts": counts,
-            "problems": [f"{loop}: {reason}" for loop, reason in sorted(stats.get("problems", {}).items())],
-            # The workers' reports carry their calls in flight once they send them (`Dispatcher.in_flight()`).
-            "in_flight": stats.get("in_flight")}
+    problems = [f"{loop}: {reason}" for loop, reason in sorted(stats.get("problems", {}).items())]
+    return {"counts": counts, "restarts": slot.restarts, "problems": problems}

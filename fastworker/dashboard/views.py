@@ -21,6 +21,7 @@ CLAIM_SUFFIX = ".claim"  # the reclaimer's consumer is `<first consumer name>.cl
 PREVIEW_CHARS = 160  # a value in a list
 DETAIL_CHARS = 256 * 1024  # a value in one letter's view
 CHART_WIDTH, CHART_HEIGHT = 320, 64
+MIN_SPAN_MS = 10_000  # the shortest time a chart spans
 
 
 def consumer_role(consumer: ConsumerInfo) -> str:
@@ -105,8 +106,13 @@ class Chart:
     width: int
     height: int
     top: str  # the rate at the top of the chart
+    span: str  # how far back it goes: the history there is, up to the window
     lines: list[Line]
     empty: bool  # fewer than two samples yet
+
+
+def format_span(ms: int) -> str:
+    return f"{round(ms / 60_000)} min" if ms >= 60_000 else f"{ms // 1000} s"
 
 
 def nice_ceiling(value: float) -> float:
@@ -138,10 +144,12 @@ def chart(history: History, now_ms: int, lines: list[tuple[str, str, Callable[[C
     series = [(label, kind, history.series(pick), history.rate_now(pick)) for label, kind, pick in lines]
     highest = max((rate for *_, points, _ in series for _, rate in points if rate is not None), default=0.0)
     top = nice_ceiling(highest)
-    start_ms = now_ms - history.window_ms
-    drawn = [Line(label, kind, _polylines(points, start_ms, history.window_ms, top), format_rate(now))
+    # A young history fills the chart rather than a sliver at its right end.
+    oldest_ms = history.samples[0].at_ms if history.samples else now_ms
+    span_ms = min(history.window_ms, max(MIN_SPAN_MS, now_ms - oldest_ms))
+    drawn = [Line(label, kind, _polylines(points, now_ms - span_ms, span_ms, top), format_rate(now))
              for label, kind, points, now in series]
-    return Chart(CHART_WIDTH, CHART_HEIGHT, format_rate(top), drawn, len(history.samples) < 2)
+    return Chart(CHART_WIDTH, CHART_HEIGHT, format_rate(top), format_span(span_ms), drawn, len(history.samples) < 2)
 
 
 def stream_chart(history: History, now_ms: int, stream: str, groups: list[str]) -> Chart:

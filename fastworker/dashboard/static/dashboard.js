@@ -12,9 +12,11 @@
   let filters = new URLSearchParams();
 
   // A token in the URL's fragment (never sent to the server, never logged): keep it for this tab, then drop it.
-  if (location.hash.startsWith("#token=")) {
+  function tokenFromHash() {
+    if (!location.hash.startsWith("#token=")) return;
     sessionStorage.setItem(TOKEN_KEY, decodeURIComponent(location.hash.slice("#token=".length)));
     history.replaceState(null, "", location.pathname + location.search);
+    showLock();
   }
   const token = () => (writable ? sessionStorage.getItem(TOKEN_KEY) : null);
 
@@ -267,8 +269,10 @@
       showLock();
     });
   }
+  window.addEventListener("hashchange", tokenFromHash);
   const summary = $("#live .summary");
   deadTotal = summary ? summary.dataset.deadTotal : null;
+  tokenFromHash();
   showLock();
   updateButtons();
   setTimeout(poll, interval);
