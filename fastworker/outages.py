@@ -6,12 +6,18 @@ recoveries. Here the loops report to one registry per process: an unreachable se
 process (the first failure is logged, the others counted), and its end is logged at INFO once every loop that saw
 it works again, with how long it lasted. An error the server answered (a refused settle, a missing permission) is
 specific to what the loop was doing, so it stays its loop's own outage, logged the same way.
+
+Loops notice an outage at different times: one blocked on a read at once, another only when it next uses its
+broken connection, maybe after the server is back and the outage has been logged as over. A failure within
+TAIL_S of an outage's end is that outage's tail, not news: it is logged only if it lasts TAIL_S (a loop in an
+outage retries with backoff capped well below that, so a lasting one is seen).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from fastworker.errors import FastworkerError, RedisUnavailable
 from fastworker.logs import plural
@@ -19,22 +25,36 @@ from fastworker.logs import plural
 logger = logging.getLogger("fastworker.outage")
 
 SERVER = "server"
+TAIL_S = 10.0
 
 
 class Outages:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
         self._failing: dict[str, set[str]] = {}  # outage -> loops failing in it
-        self._since: dict[str, float] = {}  # outage -> when it began (monotonic)
+        self._since: dict[str, float] = {}  # outage -> when it began
+        self._quiet: set[str] = set()  # outages taken for the tail of the last one: not logged (yet)
+        self._ended: dict[str, float] = {}  # outage -> when it last ended
 
     def failed(self, loop: str, error: FastworkerError) -> None:
         """`loop` (e.g. "consumer host-0 group=jobs") failed with `error` and will retry with backoff."""
         outage = SERVER if isinstance(error, RedisUnavailable) else loop
-        loops = self._failing.setdefault(outage, set())
+        now = self._clock()
         if outage not in self._since:
-            self._since[outage] = time.monotonic()
-            where = "" if outage == SERVER else f"{loop}: "
-            logger.warning("%s%s; retrying with backoff", where, error)
-        loops.add(loop)
+            self._since[outage] = now
+            if now - self._ended.get(outage, -TAIL_S) < TAIL_S:
+                self._quiet.add(outage)
+            else:
+                self._log_failed(outage, loop, error)
+        elif outage in self._quiet and now - self._since[outage] >= TAIL_S:  # no tail: it lasts
+            self._quiet.discard(outage)
+            self._log_failed(outage, loop, error)
+        self._failing.setdefault(outage, set()).add(loop)
+
+    @staticmethod
+    def _log_failed(outage: str, loop: str, error: FastworkerError) -> None:
+        where = "" if outage == SERVER else f"{loop}: "
+        logger.warning("%s%s; retrying with backoff", where, error)
 
     def recovered(self, loop: str) -> None:
         """`loop` works again; the outage it was in ends when no loop is failing in it any more."""
@@ -44,9 +64,13 @@ class Outages:
             loops.discard(loop)
             if loops:
                 continue
-            lasted = time.monotonic() - self._since.pop(outage)
+            now = self._clock()
+            lasted = now - self._since.pop(outage)
             del self._failing[outage]
-            if outage == SERVER:
+            self._ended[outage] = now
+            if outage in self._quiet:
+                self._quiet.discard(outage)
+            elif outage == SERVER:
                 logger.info("the server is reachable again after %.1f s", lasted)
             else:
                 logger.info("%s: recovered after %.1f s", loop, lasted)

@@ -75,6 +75,7 @@ class Worker:
             while True:
                 try:
                     await self._start(streams, dispatcher)
+                    outage.recovered()
                     break
                 except (RedisUnavailable, RedisAuthError) as exc:
                     if not wait_for_server:

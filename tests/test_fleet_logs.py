@@ -165,3 +165,56 @@ def test_outages_an_answered_error_stays_its_loops_own(caplog: pytest.LogCapture
                             "consumer b group=g: NOGROUP no such group; retrying with backoff"]
     assert messages[2].startswith("consumer a group=g: recovered after ")
     assert outages.failing() == {"consumer b group=g": 1}
+
+
+@pytest.mark.slow
+def test_fleet_server_restart_is_one_outage_line_per_worker_process(uid: str, tmp_path: Path) -> None:
+    # Four consumer loops, a reclaimer and the supervisor's timers all lose the server at once; each worker process
+    # says so once, and once that it is back. (Needs consumer.py's Outage to report to fastworker.outages.)
+    with EmbeddedServer(data_dir=tmp_path / "data") as own:
+        fleet = Fleet(own, uid, tmp_path)
+        try:
+            fleet.publish(10)
+            fleet.start("--processes", "2", "--consumers", "4")
+            fleet.wait(lambda: fleet.client.xlen(fleet.results) == 10 and "2 worker processes ready" in fleet.output(),
+                       what="the first jobs")
+            own.kill()
+            fleet.wait(lambda: "cannot reach the server" in fleet.output(), what="the outage to be noticed")
+            own.restart()
+            fleet.publish(10)
+            fleet.wait(lambda: fleet.client.xlen(fleet.results) >= 10 and fleet.pending() == 0 and
+                       fleet.output().count("reachable again") >= 2, what="the fleet to work again")
+            assert fleet.stop() == ExitCode.OK
+        finally:
+            fleet.close()
+    lost = [line for line in fleet.output().splitlines() if "cannot reach the server" in line and "fw-worker" in line]
+    back = [line for line in fleet.output().splitlines() if "the server is reachable again" in line]
+    assert len(lost) == 2, "\n".join(lost)  # one per worker process
+    assert len(back) == 2 and all(" INFO " in line for line in back)
+
+
+def test_outages_a_late_failure_right_after_the_end_is_the_tail_not_news(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="fastworker.outage")
+    now = [100.0]
+    outages = Outages(clock=lambda: now[0])
+    down = RedisUnavailable("cannot reach the server: Connection closed by server.")
+    outages.failed("consumer a", down)
+    now[0] += 3
+    outages.recovered("consumer a")  # the server is back
+    now[0] += 1
+    outages.failed("consumer b", down)  # b's connection broke in the outage; it finds out only now
+    outages.recovered("consumer b")
+    assert len(caplog.records) == 2  # the outage and its end: b's late failure was its tail
+    now[0] += 60
+    outages.failed("consumer a", down)  # a new outage, well after
+    now[0] += 1
+    outages.failed("consumer b", down)
+    assert len(caplog.records) == 3
+    outages.recovered("consumer a")
+    outages.recovered("consumer b")
+    now[0] += 1
+    outages.failed("consumer c", down)  # a tail again, but it lasts: logged once it has
+    now[0] += 12
+    outages.failed("consumer c", down)
+    assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.INFO, logging.WARNING, logging.INFO,
+                                                   logging.WARNING]
