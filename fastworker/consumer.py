@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from fastworker.app import Handler
 from fastworker.config import Settings
-from fastworker.dispatch import Dispatcher
+from fastworker.dispatch import Dispatcher, Isolated
 from fastworker.errors import FastworkerError, NoGroupError, RedisUnavailable, SettleRefused
 from fastworker.message import Message, RawEntry, decode_entries
 from fastworker.policy import backoff_s
@@ -118,7 +118,18 @@ class Consumer:
             await self.streams.unblock(self.channel.client_id)
 
     async def _step(self, settlement: Settlement | None) -> Settlement | None:
-        """One turn: settle the last batch with the next read, then handle what came back."""
+        """One turn: settle the last batch with the next read, then handle what came back. A suspect (one of this
+        consumer's own pending entries at start) is read, handled and settled with nothing else of the process in
+        flight, so that if it kills the process again, nobody else is charged for it."""
+        if not self._recovering:
+            return await self._turn(settlement, "shared")
+        async with self.dispatcher.isolation.alone():
+            suspect = await self._turn(settlement, "held")
+            if suspect is not None:
+                await self._settle_now(suspect)
+        return None
+
+    async def _turn(self, settlement: Settlement | None, isolation: Isolated) -> Settlement | None:
         try:
             batch = await self._read(settlement)
         except SettleRefused as exc:
@@ -140,7 +151,24 @@ class Consumer:
         self.stats.received(self.group, {stream: len(messages) for stream, messages in batch.items()})
         with KeepClaimed(self.streams, self.group, self.name, lambda: ids_by_stream(batch),
                          self.settings.claim_idle_ms):
-            return await self.dispatcher.dispatch(self.group, self.handlers, batch, alone=not self._recovered)
+            return await self.dispatcher.dispatch(self.group, self.handlers, batch, isolation)
+
+    async def _settle_now(self, settlement: Settlement) -> None:
+        try:
+            await self.channel.settle(settlement)
+        except SettleRefused as exc:
+            await self._settle_refused(settlement, exc)
+            return
+        except NoGroupError as exc:
+            self._settled(settlement)
+            await self._recreate_groups(exc)
+            return
+        except FastworkerError as exc:
+            self._settled(settlement)
+            self._reread_own_pending()
+            await self._outage.failed(exc, self.stopping)
+            return
+        self._settled(settlement)
 
     def _settled(self, settlement: Settlement | None) -> None:
         """Count what the server confirmed of `settlement`, at the end of its life (written or given up), and tell
@@ -223,6 +251,10 @@ class Consumer:
         batch = {}
         for stream, entries in reply.items():
             counts = await self.channel.deliveries(stream, self.group, self.name, entries)
+            # Re-read because the connection (or a settlement) was lost, not because a worker died: this read
+            # does not count as a delivery, or a flaky network would exhaust entries as KilledWorker.
+            counts = {entry_id: max(1, count - 1) for entry_id, count in counts.items()}
+            await self.channel.set_deliveries(stream, self.group, self.name, counts)
             history[stream] = _id(entries[-1])
             batch[stream] = self._decode(stream, entries, counts)
         return batch

@@ -23,7 +23,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from fastworker.app import Dedup, Handler
 from fastworker.config import TIMEOUT_OVERSHOOT
@@ -96,14 +96,16 @@ class Dispatcher:
         self._watchdog: asyncio.TimerHandle | None = None
 
     async def dispatch(self, group: str, handlers: Mapping[str, Handler],
-                       batch: Mapping[str, list[Message]], alone: bool = False) -> Settlement:
+                       batch: Mapping[str, list[Message]], isolation: Isolated = "shared") -> Settlement:
         """Handle every message of `batch` (per stream) and decide each one's fate.
 
-        `alone`: the batch is a crash suspect (an entry whose worker died while handling it): it runs with nothing
-        else of this process in flight, so that if it kills the process again, it is the only one charged."""
+        `isolation`: "alone" for a crash suspect (an entry whose worker died while handling it): it runs with nothing
+        else of this process in flight, so that if it kills the process again, it is the only one charged; "held"
+        when the caller holds `self.isolation.alone()` already; "shared" for everything else."""
         settlement = Settlement(group)
         runs = [self._stream(handlers[stream], messages, settlement) for stream, messages in batch.items()]
-        async with self.isolation.alone() if alone else self.isolation.shared():
+        entered = {"alone": self.isolation.alone, "shared": self.isolation.shared}.get(isolation, _held)
+        async with entered():
             if len(runs) == 1:
                 await runs[0]
             else:
@@ -422,6 +424,14 @@ class Dispatcher:
         # Never join user threads on the event loop: the drain has waited as long as it may, and a thread that is
         # still running (a sync handler past its timeout) must not hold the process after the grace period.
         self._threads.close()
+
+
+Isolated = Literal["shared", "alone", "held"]
+
+
+@contextlib.asynccontextmanager
+async def _held() -> AsyncIterator[None]:
+    yield
 
 
 class Recovery:

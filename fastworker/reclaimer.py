@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from fastworker.app import Handler
 from fastworker.config import Settings
 from fastworker.consumer import REFUSED_BACKOFF_CAP_S, KeepClaimed, Outage, ids_by_stream, resend_refused, until
-from fastworker.dispatch import Dispatcher
+from fastworker.dispatch import Dispatcher, Isolated
 from fastworker.errors import FastworkerError, SettleRefused
 from fastworker.message import RawEntry, decode_entries, text
 from fastworker.policy import MAX_RETRY_DELAY_S
@@ -152,7 +152,15 @@ class Reclaimer:
 
     async def _claim(self, group: str, stream: str, handler: Handler, wanted: dict[bytes, int],
                      min_idle_ms: int | None = None, alone: bool = False) -> int:
-        """Claim `wanted` (raw id -> deliveries so far), handle what was claimed, and settle it."""
+        """Claim `wanted` (raw id -> deliveries so far), handle what was claimed, and settle it. `alone`: orphans
+        are claimed, handled and settled with nothing else of the process in flight (their worker died)."""
+        if alone:
+            async with self.dispatcher.isolation.alone():
+                return await self._claim_now(group, stream, handler, wanted, min_idle_ms, "held")
+        return await self._claim_now(group, stream, handler, wanted, min_idle_ms, "shared")
+
+    async def _claim_now(self, group: str, stream: str, handler: Handler, wanted: dict[bytes, int],
+                         min_idle_ms: int | None, isolation: Isolated) -> int:
         idle = self.settings.claim_idle_ms if min_idle_ms is None else min_idle_ms
         entries = await self.channel.claim(stream, group, self.claimer, idle, list(wanted))
         counts = {text(entry[0]): wanted.get(entry[0], 0) + 1 for entry in entries}
@@ -162,11 +170,11 @@ class Reclaimer:
             existing = await self.channel.existing(stream, sorted(missing))
             deleted = [entry_id for entry_id in sorted(missing) if entry_id not in existing]
         if entries or deleted:
-            await self._handle(group, stream, handler, entries, counts, deleted, alone)
+            await self._handle(group, stream, handler, entries, counts, deleted, isolation)
         return len(entries)
 
     async def _handle(self, group: str, stream: str, handler: Handler, entries: list[RawEntry],
-                      counts: dict[str, int], deleted: list[str], alone: bool = False) -> None:
+                      counts: dict[str, int], deleted: list[str], isolation: Isolated = "shared") -> None:
         settlement = Settlement(group)
         if entries:
             messages = decode_entries(stream, entries, counts, handler.payload, handler.payload_field, handler.typed)
@@ -176,7 +184,7 @@ class Reclaimer:
             batch = {stream: messages}
             with KeepClaimed(self.streams, group, self.claimer, lambda: ids_by_stream(batch),
                              self.settings.claim_idle_ms):
-                settlement = await self.dispatcher.dispatch(group, {stream: handler}, batch, alone)
+                settlement = await self.dispatcher.dispatch(group, {stream: handler}, batch, isolation)
         if deleted:
             logger.warning("%d pending entries were deleted before being handled stream=%s group=%s ids=%s",
                            len(deleted), stream, group, ",".join(deleted[:10]))

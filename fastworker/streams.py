@@ -256,6 +256,15 @@ class Channel:
         replies = await self.roundtrip([("XRANGE", stream, entry_id, entry_id) for entry_id in ids])
         return {text(entry_id) for entry_id, reply in zip(ids, replies, strict=True) if reply}
 
+    async def set_deliveries(self, stream: str, group: str, consumer: str, counts: Mapping[str, int]) -> None:
+        """Set the delivery counts of entries pending for `consumer` (XCLAIM ... JUSTID RETRYCOUNT, one command
+        per distinct count, in one round trip): for a re-read that was not a new attempt."""
+        by_count: dict[int, list[str]] = {}
+        for entry_id, count in counts.items():
+            by_count.setdefault(count, []).append(entry_id)
+        await self.roundtrip([("XCLAIM", stream, group, consumer, 0, *ids, "RETRYCOUNT", count, "JUSTID")
+                              for count, ids in by_count.items()])
+
     async def deliveries(self, stream: str, group: str, consumer: str, entries: Sequence[RawEntry]) -> dict[str, int]:
         """Delivery counts of `entries`, pending for `consumer` (XPENDING extended form over their id range).
 

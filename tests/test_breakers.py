@@ -132,9 +132,6 @@ async def test_large_result_to_a_stream_that_refuses_xadd_is_not_acked_alone(
     assert (pending, left) == (1, strangers), f"pending={pending} entries left of the results stream={left}"
 
 
-@pytest.mark.xfail(strict=True, reason="LARGE_OUTPUT_SCRIPT infers that its XADD worked from the stream's newest "
-                   "entry (value count, first field and value), not from the XADD's reply: a failed XADD behind an "
-                   "earlier entry of the same shape passes for written, and the entry is acked without its output")
 async def test_large_result_that_fails_behind_a_lookalike_entry_is_not_acked_alone(
         server: EmbeddedServer, rc: aioredis.Redis, uid: str) -> None:
     # The results stream's newest entry is an earlier job's result of the same shape ({"status": "done", ...}), at
@@ -492,12 +489,6 @@ def test_killer_with_extreme_batch_sizes(server: EmbeddedServer, uid: str, tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="a recovering entry is charged a delivery when it is read (consumer.py "
-                   "_recover: XREADGROUP of the consumer's own history counts one), before it waits for its turn to "
-                   "run alone (dispatch.py Isolation.alone); when the other group's suspect runs first and kills the "
-                   "process, the waiting entry is charged for that death too, and past max_deliveries it is "
-                   "dead-lettered as KilledWorker though its handler never failed (at 79900b6: it was charged while "
-                   "running concurrently)")
 def test_killer_in_one_group_does_not_charge_another_groups_entries(server: EmbeddedServer, uid: str,
                                                                     tmp_path: Path) -> None:
     # Fan-out: the stream is read by two groups. Group g's handler SIGKILLs its worker on job-3 (0.1 s into the
@@ -743,10 +734,6 @@ def _queued_in_multi(r: redis.Redis) -> bool:
     return any(int(client.get("multi", -1)) >= 1 for client in r.client_list())
 
 
-@pytest.mark.xfail(strict=True, reason="the server re-checks the ACL at EXEC: a queued XADD that lost its "
-                   "permission fails inside EXEC while the rest runs; LARGE_OUTPUT_SCRIPT does not see that XADD "
-                   "failed (it checks key types only; a fingerprint of the newest entry is fooled by an earlier "
-                   "job's identical output), so its XACK settles the entry without that output")
 async def test_permission_lost_while_a_large_transaction_is_queued(
         server: EmbeddedServer, r: redis.Redis, rc: aioredis.Redis, uid: str) -> None:
     # The handler emits a small status to `a` and a large output (40 MB, 4,000 fields) to `b`: one transaction,
@@ -982,7 +969,9 @@ async def test_odd_entries_are_dead_lettered_once_and_the_rest_handled(server: E
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="KeepClaimed refreshes a long batch's idle time from a timer on the event "
+@pytest.mark.xfail(strict=True, reason="a known limit, stated in the README: an async handler that blocks the event "
+                   "loop (time.sleep in an async def) stops everything of its process, the timer that keeps a long "
+                   "batch claimed included. KeepClaimed refreshes a long batch's idle time from a timer on the event "
                    "loop, which a handler that never awaits (CPU-bound async) blocks for the whole batch: another "
                    "process's reclaimer claims the batch's entries as orphans and handles them again, with no crash "
                    "(consumer.py KeepClaimed; README: 'a batch that takes longer than the claim idle time is not "
@@ -1003,10 +992,6 @@ def test_cpu_bound_async_batch_longer_than_claim_idle_is_not_handled_twice(serve
     assert calls == dict.fromkeys(jobs, 1), calls
 
 
-@pytest.mark.xfail(strict=True, reason="every reconnect re-reads the consumer's own pending entries as a batch "
-                   "(XREADGROUP 0), which counts a delivery for each: after max_deliveries lost settlements the whole "
-                   "batch is dead-lettered as KilledWorker ('handled alone after the first'), though no worker died "
-                   "and no handler failed (consumer.py _reread_own_pending/_decode_history, dispatch.py _runnable)")
 async def test_connection_lost_while_a_batch_is_handled_does_not_dead_letter_it(server: EmbeddedServer,
                                                                                 rc: aioredis.Redis, uid: str) -> None:
     # A flaky network: the worker's connections drop while the first six rounds of this batch are handled, so
