@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from fastworker import config
-from fastworker.cli import CONNECTION_FIELDS, add_settings_flags, settings_from_args
+from fastworker.cli import CONNECTION_FIELDS, add_settings_flags, number, port, settings_from_args
 from fastworker.commands.status import UsageError, app_pairs, run_with_streams
 from fastworker.errors import ConfigError, ExitCode, FastworkerError
 
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 DEFAULT_PORT = 8484
 MIN_TOKEN_CHARS = 16
+MIN_INTERVAL_S = 0.2
 EXTRA_MODULES = ("starlette", "uvicorn", "jinja2")
 
 
@@ -50,6 +51,11 @@ def dashboard_token(flag: str | None) -> str | None:
     return token or None
 
 
+def listen_port(text: str) -> int:
+    """A TCP port number, or 0 for any free one."""
+    return 0 if text.strip() == "0" else port(text)
+
+
 def register(sub: Any) -> None:
     parser = sub.add_parser(
         "dashboard", help="a live web dashboard: streams, groups, consumers, dead letters",
@@ -58,16 +64,17 @@ def register(sub: Any) -> None:
                     "(filter, inspect, requeue, purge) and replay. Read-only unless started with a token.")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
+    parser.add_argument("--port", type=listen_port, default=DEFAULT_PORT,
+                        help=f"port to listen on (default {DEFAULT_PORT}; 0: any free port, printed at start)")
     parser.add_argument("--token", default=None,
                         help="enable requeue, purge and replay for whoever presents this token (at least "
                              f"{MIN_TOKEN_CHARS} characters) [FASTWORKER_DASHBOARD_TOKEN]; without one: read-only")
     parser.add_argument("--app", metavar="MODULE:ATTR", help="show the streams of this app (default: every stream)")
     parser.add_argument("--stream", action="append", default=[], metavar="STREAM",
                         help="a stream to show (repeatable; default: every stream)")
-    parser.add_argument("--interval-s", type=float, default=2.0, metavar="S",
+    parser.add_argument("--interval-s", type=number(MIN_INTERVAL_S), default=2.0, metavar="S",
                         help="sample the server and refresh the page every S seconds (default 2)")
-    parser.add_argument("--dead-after-s", type=float, default=3600.0, metavar="S",
+    parser.add_argument("--dead-after-s", type=number(above=True), default=3600.0, metavar="S",
                         help="a consumer with zero pending idle longer than this is dead (default 3600)")
     add_settings_flags(parser, (*CONNECTION_FIELDS, "dead_letter_suffix"))
     parser.set_defaults(handler=dashboard)
@@ -77,8 +84,6 @@ def dashboard(args: argparse.Namespace) -> int:
     require_extra()
     settings, _ = settings_from_args(args)
     token = dashboard_token(args.token)
-    if args.interval_s < 0.2:
-        raise UsageError("--interval-s must be at least 0.2")
     names: list[str] | None = sorted({stream for stream, _ in app_pairs(args.app)} | set(args.stream)) or None
 
     async def ping(streams: Any) -> float:
