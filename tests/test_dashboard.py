@@ -424,8 +424,9 @@ def test_dashboard_command_refuses_a_short_token(capsys: pytest.CaptureFixture[s
     assert code == 3 and "at least 16 characters" in err
 
 
-def test_run_dashboard_needs_the_http_port(capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = cli(capsys, "run", "tests.fleet_app:app", "--dashboard")
+@pytest.mark.parametrize("argv", [("run", "tests.fleet_app:app"), ("demo", "--jobs", "10")])
+def test_fleet_dashboard_needs_the_http_port(capsys: pytest.CaptureFixture[str], argv: tuple[str, ...]) -> None:
+    code, _, err = cli(capsys, *argv, "--dashboard")
     assert code == 2 and "--dashboard needs --http-port" in err
 
 

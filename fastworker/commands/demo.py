@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 
 from fastworker import demo
 from fastworker.cli import add_settings_flags, flag_values
+from fastworker.commands.dashboard import serve_dashboard
 from fastworker.config import load_settings
 from fastworker.errors import ExitCode
 from fastworker.logs import plural
@@ -48,6 +49,8 @@ def register(sub: Any) -> None:
     parser.add_argument("--fail-rate", type=float, default=0.001,
                         help="share of jobs whose handler fails every time (they end as dead letters)")
     parser.add_argument("--timeout-s", type=float, default=600, help="give up after this long")
+    parser.add_argument("--dashboard", action="store_true",
+                        help="serve the web dashboard under /dashboard/ on --http-port while the demo runs")
     add_settings_flags(parser)
     parser.set_defaults(handler=run, setting_log_level="WARNING")  # the progress line says enough
 
@@ -71,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
         emulation.dead_letter_suffix = settings.dead_letter_suffix
         emulation.embedded = embedded
         supervisor.on_started.append(emulation.start)
+        if args.dashboard:
+            serve_dashboard(supervisor)
         code = supervisor.run()
         if emulation.error:
             emulation.display.finish(emulation.line(emulation.tally(supervisor)))
