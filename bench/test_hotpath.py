@@ -148,3 +148,19 @@ def test_build_settle_commands_with_results(benchmark: Any) -> None:
 
     packed = benchmark(settle)
     assert packed.split(b"\r\n", 3)[2] == b"EVAL"  # one script call settles them all
+
+
+def test_dispatch_batch_to_noop_handler_traced(benchmark: Any, loop: Any) -> None:
+    """The same dispatch with tracing on (the SDK's provider, spans recorded but not exported): the cost of a span
+    per handler call. With tracing off, handlers are not wrapped at all (test_dispatch_batch_to_noop_handler)."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from fastworker.tracing import HandlerTracer
+
+    dispatcher = Dispatcher(64, 30.0, 5, ":dead")
+    dispatcher.tracer = HandlerTracer()
+    dispatcher.tracer.tracer = TracerProvider().get_tracer("bench")
+    handlers = _noop_handlers()
+    messages = decode_entries(STREAM, _entries(), 1)
+    settlement = benchmark(lambda: loop.run_until_complete(dispatcher.dispatch(GROUP, handlers, {STREAM: messages})))
+    assert len(settlement.acks[STREAM]) == BATCH

@@ -85,6 +85,8 @@ class Settings:
                                              "limits")
     output_max_age_s: float = _field(86400.0, help="output streams keep nothing older than this (0: no age limit)")
     output_max_len: int = _field(0, help="output streams keep at most this many newest entries (0: no limit)")
+    tracing: str = _field("auto", help="OpenTelemetry spans per handler call: auto (when the app configured a tracer "
+                          "provider and fastworker[otel] is installed), on or off")
 
     def __post_init__(self) -> None:
         if not isinstance(self.output_streams, tuple):  # a comma list or any iterable given in code
@@ -130,7 +132,7 @@ AT_LEAST = {"batch_size": 1, "block_ms": 1, "claim_idle_ms": 1, "claim_interval_
 POSITIVE = ("handler_timeout_s", "shutdown_grace_s", "socket_timeout_s", "crash_loop_window_s", "sample_interval_s")
 AT_MOST = {"http_port": 65535}
 CHOICES = {"log_level": ("DEBUG", "INFO", "WARNING", "ERROR"), "log_format": ("text", "json"),
-           "group_start_id": ("0", "$")}
+           "group_start_id": ("0", "$"), "tracing": ("auto", "on", "off")}
 
 
 def value_problem(name: str, value: Any) -> str | None:

@@ -32,6 +32,7 @@ from fastworker.message import Message, decode_record, encode_record
 from fastworker.policy import Action, Backoff, decide, retry_delay_s
 from fastworker.settlement import Settlement
 from fastworker.streams import Recorder, Streams
+from fastworker.tracing import HandlerTracer
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class Dispatcher:
         self.backoff = backoff or Backoff()  # for handlers that declare none
         self._failures = FailureLog()
         self.isolation = Isolation()
+        self.tracer: HandlerTracer | None = None  # set by the worker when tracing is on
         self.recovery = Recovery()
         self.dead_letter_suffix = dead_letter_suffix
         self._slots = asyncio.Semaphore(concurrency)
@@ -143,6 +145,8 @@ class Dispatcher:
             func = self._recording(handler.func, handler.dedup, settlement.group, handler.is_async, records)
         if not runnable:
             return
+        if self.tracer is not None:
+            func = self.tracer.wrap(func, handler.stream, settlement.group, handler.is_async, handler.batch)
         started = time.perf_counter()
         outcomes = await self._run(handler, func, runnable)
         await self._confirm_records(records, runnable, outcomes)
@@ -164,8 +168,9 @@ class Dispatcher:
             action = decide(outcome, message.deliveries, limit, handler.dead_on)
             reason = outcome.reason if isinstance(outcome, Reject | Retry) else str(outcome)
             kind = type(outcome).__name__
+            trace = self.tracer.failed_call_fields(message) if self.tracer is not None else ()
             if action is Action.DEAD:
-                settlement.dead_letter(message, dead_stream, kind, reason, _traceback(outcome))
+                settlement.dead_letter(message, dead_stream, kind, reason, _traceback(outcome), trace)
             else:
                 settlement.retry(message, retry_delay_s(outcome, message.deliveries, backoff))
             expected = isinstance(outcome, Retry | Reject)
@@ -174,7 +179,7 @@ class Dispatcher:
 
     async def _run(self, handler: Handler, func: Callable[..., Any], messages: list[Message]) -> list[Outcome]:
         if handler.batch:
-            return await self._run_batch(handler, messages)
+            return await self._run_batch(handler, func, messages)
         outcomes: list[Outcome] = [None] * len(messages)
         if handler.is_async:
             await self._run_async(func, messages, outcomes, handler.name)
@@ -403,16 +408,16 @@ class Dispatcher:
                 self._lanes.discard(lane)
 
 
-    async def _run_batch(self, handler: Handler, messages: list[Message]) -> list[Outcome]:
+    async def _run_batch(self, handler: Handler, func: Callable[..., Any], messages: list[Message]) -> list[Outcome]:
         """A batch handler gets every message at once. Raising fails all of them; returning a mapping of entry
         id to exception fails just those."""
         async with self._slots:
             try:
                 if handler.is_async:
                     async with asyncio.timeout(self.handler_timeout_s):
-                        result = await handler.func(messages)
+                        result = await func(messages)
                 else:
-                    result = await asyncio.wait_for(self._threads.run(lambda: handler.func(messages)),
+                    result = await asyncio.wait_for(self._threads.run(lambda: func(messages)),
                                                     self.handler_timeout_s * TIMEOUT_OVERSHOOT)
             except Exception as exc:  # user code
                 return [exc] * len(messages)

@@ -31,6 +31,7 @@ from fastworker.config import Settings
 from fastworker.errors import FastworkerError, RedisCommandError
 from fastworker.message import DEFAULT_PAYLOAD_FIELD, FieldValue, text
 from fastworker.streams import Streams, translate
+from fastworker.tracing import current_trace_fields
 
 try:  # the bulk reply path reads the connection's hiredis reader directly (see _Replies)
     from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH_DATA
@@ -125,7 +126,7 @@ class _Encoder:
 
     def __init__(self, stream: str, fields: Fields | None, trim: list[bytes], max_count: int, max_bytes: int) -> None:
         self._head = [b"XADD", stream.encode(), *trim, b"*"]
-        self._common = _flat(fields)
+        self._common = _flat(fields) + current_trace_fields()  # the caller's span, once per call: not per entry
         self._json_prefix = self._prefix([DEFAULT_PAYLOAD_FIELD.encode()], more=1)  # the JSON value follows
         self._max_count = max_count
         self._max_bytes = max_bytes
@@ -367,7 +368,7 @@ class Publisher:
         Raises PayloadError (not serialisable), StreamTypeError (the key is not a stream), RedisUnavailable.
         """
         try:
-            flat = _flat(fields)
+            flat = _flat(fields) + current_trace_fields()
             if payload is not None:
                 flat += [DEFAULT_PAYLOAD_FIELD.encode(), orjson.dumps(payload)]
         except (TypeError, ValueError) as exc:

@@ -270,7 +270,7 @@ class Settlement:
             self.acks.setdefault(stream, []).extend([message.raw_id for message in messages])
 
     def dead_letter(self, message: Message, dead_stream: str, error_class: str, error: str,
-                    traceback: str | None = None) -> None:
+                    traceback: str | None = None, trace: Sequence[FieldValue] = ()) -> None:
         """Move `message` to `dead_stream`: its original fields plus where it came from and why it died (and the
         end of the last failure's traceback, when there was one)."""
         fields: list[FieldValue] = list(message.raw_fields)
@@ -281,6 +281,8 @@ class Settlement:
         ]
         if traceback:
             fields += ["fw:traceback", traceback[-TRACEBACK_MAX_CHARS:]]
+        if trace:  # the failed call's span (tracing on), replacing the producer's: the app continues from here
+            fields = [*_without_trace(fields), *trace]
         self.records.append(Record(message.stream, message.raw_id, [(dead_stream, fields)], True))
 
     def retry(self, message: Message, delay_s: float) -> None:
@@ -407,6 +409,11 @@ def large_output_transaction(group: str, record: Record) -> list[Command]:
     commands.append(("EVAL", LARGE_OUTPUT_SCRIPT, 1 + len(fingerprints), record.stream, *fingerprints, *args))
     commands.append(("EXEC",))
     return commands
+
+
+def _without_trace(fields: list[FieldValue]) -> list[FieldValue]:
+    pairs = zip(fields[::2], fields[1::2], strict=True)
+    return [item for name, value in pairs if name not in (b"traceparent", b"tracestate") for item in (name, value)]
 
 
 def _add(counts: dict[str, int], key: str, value: int) -> None:

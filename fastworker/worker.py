@@ -30,6 +30,7 @@ from fastworker.reclaimer import Reclaimer
 from fastworker.signals import StopSignals
 from fastworker.stats import Stats
 from fastworker.streams import Streams
+from fastworker.tracing import tracer_for
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ class Worker:
         for stream, group in created:
             logger.info("created group %s on stream %s at id %s", group, stream, self.settings.group_start_id)
         await _run_startup_hooks(self.app.startup_hooks)
+        dispatcher.tracer = tracer_for(self.settings.tracing)  # after the hooks: they may set up OpenTelemetry
         self.consumers = [Consumer(streams, dispatcher, self.settings, group, handlers, name, self.stats)
                           for group, handlers in groups.items() for name in self.names]
         self.reclaimer = Reclaimer(streams, dispatcher, self.settings, groups, f"{self.names[0]}.claim", self.stats)

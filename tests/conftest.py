@@ -61,7 +61,8 @@ async def rc(server: EmbeddedServer) -> AsyncIterator[aioredis.Redis]:
 def make_settings(server: EmbeddedServer, uid: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {"redis_url": server.url, "processes": 1, "consumer_prefix": uid,
                               "block_ms": 200, "socket_timeout_s": 5.0, "claim_interval_ms": 200,
-                              "claim_idle_ms": 2_000, "handler_timeout_s": 1.0, "shutdown_grace_s": 5.0}
+                              "claim_idle_ms": 2_000, "handler_timeout_s": 1.0, "shutdown_grace_s": 5.0,
+                              "tracing": "off"}  # test_tracing.py sets a global tracer provider: auto would see it
     values.update(overrides)
     return Settings(**values)
 
