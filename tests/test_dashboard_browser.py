@@ -35,7 +35,7 @@ if CHROMIUM is None or CHROMEDRIVER is None:
         pytest.fail(WHY, pytrace=False)
     pytest.skip(WHY, allow_module_level=True)
 
-from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
+from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions  # noqa: E402
 from selenium.webdriver.support.wait import WebDriverWait  # noqa: E402
@@ -138,13 +138,16 @@ def browser() -> Iterator[Any]:
 
 
 def wait(driver: Any, condition: Callable[[Any], Any], timeout_s: float = 15) -> Any:
-    return WebDriverWait(driver, timeout_s, poll_frequency=0.1).until(condition)
+    # The page swaps its panels in on every poll: an element found just before a swap is stale, so look again.
+    return WebDriverWait(driver, timeout_s, poll_frequency=0.1,
+                         ignored_exceptions=[StaleElementReferenceException]).until(condition)
 
 
 def text_of(selector: str) -> Callable[[Any], str]:
+    """The text of the first element matching `selector`, read in one step (a swap cannot come in between)."""
     def read(driver: Any) -> str:
-        found = driver.find_elements(By.CSS_SELECTOR, selector)
-        return str(found[0].text) if found else ""
+        script = "const found = document.querySelector(arguments[0]); return found ? found.textContent.trim() : '';"
+        return str(driver.execute_script(script, selector))
 
     return read
 
