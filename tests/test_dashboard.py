@@ -129,6 +129,14 @@ async def test_dashboard_cross_site_write_is_refused(board: Board, rc: aioredis.
     assert response.json() == {"purged": 1}
 
 
+async def test_dashboard_refuses_a_large_write_body(board: Board, rc: aioredis.Redis) -> None:
+    entry_id = await dead_letter(rc, board)
+    body = {**letters(board, entry_id), "padding": "x" * 300_000}
+    response = await board.client.post("/api/dead-letters/purge", json=body, headers=AUTH)
+    assert response.status_code == 413
+    assert await rc.xlen(board.dead) == 1
+
+
 async def test_dashboard_foreign_host_header_is_refused(board: Board) -> None:
     """A page on another site that rebinds its name to 127.0.0.1 sends its own Host header: refused."""
     response = await board.client.get("/", headers={"Host": "evil.example:8484"})

@@ -134,7 +134,7 @@ def create_app(dashboard: Dashboard) -> Starlette:
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     handlers = {FastworkerError: _error_response, HTTPException: _error_response}
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers, max_body_size=MAX_BODY_BYTES)
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
     app.add_middleware(GuardMiddleware, guard=dashboard.guard)
     return app
 
@@ -282,6 +282,9 @@ class Pages:
         if refused is not None:
             logger.warning("dashboard refused a write path=%s reason=%s", request.url.path, refused)
             raise HTTPException(403, refused)
+        length = request.headers.get("content-length", "")
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+            raise HTTPException(413, f"a write request needs a Content-Length of at most {MAX_BODY_BYTES} bytes")
         try:
             body = await request.json()
         except ValueError:
