@@ -296,8 +296,9 @@ def test_cli_unknown_app_is_one_line_and_exit_code(fleet: Fleet) -> None:
 def test_cli_bad_flag_value_is_one_line_and_exit_code(fleet: Fleet) -> None:
     done = subprocess.run([sys.executable, "-m", "fastworker", "run", "tests.fleet_app:app", "--processes", "two"],
                           check=False, capture_output=True, text=True, env=fleet.env, cwd=REPO, timeout=30)
-    assert done.returncode == ExitCode.CONFIG
-    assert done.stderr == "fastworker: error: --processes: expected an integer, got 'two'\n"
+    assert done.returncode == ExitCode.USAGE  # a malformed command line, refused while parsing
+    assert done.stderr == ("fastworker run: error: argument --processes: expected a whole number, got 'two' "
+                           "(see --help)\n")
 
 
 def _get(port: int, path: str) -> tuple[int, str]:
