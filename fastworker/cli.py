@@ -79,8 +79,10 @@ def at_least(low: int, unit: str = "") -> Callable[[str], int]:
     return whole
 
 
-def number(low: float = 0.0, *, above: bool = False, unit: str = "seconds") -> Callable[[str], float]:
-    """A finite number >= `low` (> `low` when `above`), in `unit` (e.g. `type=number(above=True)` for seconds)."""
+def number(low: float = 0.0, *, above: bool = False, high: float = math.inf,
+           unit: str = "seconds") -> Callable[[str], float]:
+    """A finite number >= `low` (> `low` when `above`) and <= `high`, in `unit` (e.g. `type=number(above=True)`
+    for a positive number of seconds, `number(high=1, unit="")` for a share)."""
     def checked(text: str) -> float:
         try:
             value = float(text)
@@ -94,6 +96,8 @@ def number(low: float = 0.0, *, above: bool = False, unit: str = "seconds") -> C
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low:g}{_in(unit)}, got {text}" if low else
                                              f"must not be negative, got {text}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high:g}{_in(unit)}, got {text}")
         return value
 
     return checked

@@ -160,6 +160,7 @@ def test_every_numeric_option_has_a_checked_type() -> None:
     (["run", "x:app", "--block-ms", "2s"], "argument --block-ms: expected a whole number of milliseconds, got '2s'"),
     (["run", "x:app", "--http-port", "70000"], "argument --http-port: must be at most 65535, got 70000"),
     (["run", "x:app", "--log-level", "loud"], "argument --log-level: must be DEBUG, INFO, WARNING or ERROR"),
+    (["demo", "--fail-rate", "1.5"], "argument --fail-rate: must be at most 1, got 1.5"),
 ])
 def test_option_out_of_range_is_a_usage_error_naming_the_flag(capsys: pytest.CaptureFixture[str], argv: list[str],
                                                               message: str) -> None:
@@ -216,9 +217,10 @@ def test_output_into_a_closed_pipe_exits_0_without_a_traceback(server: EmbeddedS
     assert (done.returncode, done.stderr) == (ExitCode.OK, "")
 
 
-def test_status_watch_into_head_exits_0_without_a_traceback(server: EmbeddedServer, jobs: str) -> None:
-    script = (f"{' '.join(FW)} status --watch 0.5 --json --stream {jobs} --redis-url {server.url} 2>err | head -1; "
-              "echo \"exit ${PIPESTATUS[0]}\"; cat err")
+def test_status_watch_into_head_exits_0_without_a_traceback(server: EmbeddedServer, jobs: str,
+                                                            tmp_path: Path) -> None:
+    script = (f"{' '.join(FW)} status --watch 0.5 --json --stream {jobs} --redis-url {server.url} 2>{tmp_path}/err "
+              f"| head -1; echo \"exit ${{PIPESTATUS[0]}}\"; cat {tmp_path}/err")
     done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60, check=False)
     first, status, *rest = done.stdout.splitlines()
     assert json.loads(first)["streams"][0]["name"] == jobs

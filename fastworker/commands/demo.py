@@ -25,7 +25,7 @@ from typing import IO, Any
 import redis.asyncio as aioredis
 
 from fastworker import demo
-from fastworker.cli import add_settings_flags, flag_values
+from fastworker.cli import add_settings_flags, at_least, flag_values, number
 from fastworker.commands.dashboard import serve_dashboard
 from fastworker.config import load_settings
 from fastworker.errors import ExitCode
@@ -43,12 +43,13 @@ CLEAR_LINE = "\x1b[2K"
 def register(sub: Any) -> None:
     parser = sub.add_parser("demo", help="publish sample jobs to an embedded server and process them with a fleet",
                             description=__doc__)
-    parser.add_argument("--jobs", type=int, default=100_000, help="jobs to publish over the three streams")
-    parser.add_argument("--rate", type=float, default=0,
+    parser.add_argument("--jobs", type=at_least(1), default=100_000, help="jobs to publish over the three streams")
+    parser.add_argument("--rate", type=number(unit="jobs per second"), default=0,
                         help="jobs per second the emulated app publishes (0: as fast as it can)")
-    parser.add_argument("--fail-rate", type=float, default=0.001,
-                        help="share of jobs whose handler fails every time (they end as dead letters)")
-    parser.add_argument("--timeout-s", type=float, default=600, help="give up after this long")
+    parser.add_argument("--fail-rate", type=number(high=1, unit=""), default=0.001,
+                        help="share of jobs (0 to 1) whose handler fails every time (they end as dead letters)")
+    parser.add_argument("--timeout-s", type=number(above=True), default=600,
+                        help="give up after this many seconds")
     parser.add_argument("--dashboard", action="store_true",
                         help="serve the web dashboard under /dashboard/ on --http-port while the demo runs")
     add_settings_flags(parser)
