@@ -98,7 +98,6 @@ class Slot:
     stats: dict[str, Any] = field(default_factory=dict)  # the current process's last report
     past: list[dict[str, Any]] = field(default_factory=list)  # last reports of the processes before it
     failure: dict[str, str] | None = None  # why the current process could not start, as it reported it
-    exit_code: int | None = None  # how the last process ended
 
     @property
     def alive(self) -> bool:
@@ -231,7 +230,7 @@ class Supervisor:
             slot.past.append(slot.stats)  # counters stay monotonic across restarts
             slot.stats = {}
         was_ready, slot.ready = slot.ready, False
-        failure, slot.failure, slot.exit_code = slot.failure, None, code
+        failure, slot.failure = slot.failure, None
         if self._stopping:
             self._drain_codes.append(code)
             logger.log(logging.INFO if code in (0, None) else logging.WARNING,

@@ -44,7 +44,10 @@ def until(condition: Callable[[], Any], what: str, fleet: Fleet, timeout_s: floa
 
 
 def inspected(fleet: Fleet, port: int) -> dict[str, Any]:
+    """The fleet's answer; no workers while it does not answer yet (its HTTP server starts with it)."""
     done = cli(fleet, "inspect", "--http-port", str(port), "--json")
+    if done.returncode == ExitCode.FAILURE and "cannot reach the fleet" in done.stderr:
+        return {"workers": []}
     assert done.returncode == ExitCode.OK, done.stderr
     answer: dict[str, Any] = orjson.loads(done.stdout)
     return answer
