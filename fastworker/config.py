@@ -156,10 +156,13 @@ def value_problem(name: str, value: Any) -> str | None:
 def _range_problems(s: Settings) -> list[str]:
     problems = [f"{_n(field.name)} {problem}" for field in fields()
                 if field.name not in CHOICES and (problem := value_problem(field.name, getattr(s, field.name)))]
-    if not (s.retry_factor >= 1 and 0 <= s.retry_jitter < 1 and 0 <= s.retry_first_s <= s.retry_max_s <= 86_400):
-        problems.append(f"retry settings must satisfy retry_factor >= 1, 0 <= retry_jitter < 1 and 0 <= retry_first_s "
-                        f"<= retry_max_s <= 86400; got factor {s.retry_factor:g}, jitter {s.retry_jitter:g}, first "
-                        f"{s.retry_first_s:g} s, max {s.retry_max_s:g} s")
+    if s.retry_factor < 1:
+        problems.append(f"{_n('retry_factor')} must be at least 1, got {s.retry_factor:g}")
+    if not 0 <= s.retry_jitter < 1:
+        problems.append(f"{_n('retry_jitter')} must be from 0 up to (not including) 1, got {s.retry_jitter:g}")
+    if not 0 <= s.retry_first_s <= s.retry_max_s <= 86_400:
+        problems.append(f"{_n('retry_first_s')} ({s.retry_first_s:g}) must be at most {_n('retry_max_s')} "
+                        f"({s.retry_max_s:g}), which must be at most 86400 s")
     return problems
 
 
