@@ -3,6 +3,7 @@ retrying, typed payloads, tracebacks in dead letters, and a failure log that doe
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 import logging
@@ -18,7 +19,7 @@ import redis.asyncio as aioredis
 from fastworker import App, Backoff, EmbeddedServer, Message, Retry
 from fastworker.dispatch import FailureLog
 from fastworker.settlement import retry_key
-from tests.conftest import JOB, RunningWorker, make_settings, pending_count, publish, wait_for
+from tests.conftest import JOB, RunningWorker, cli, make_settings, pending_count, publish, wait_for
 
 
 async def _true(value: bool) -> bool:
@@ -352,3 +353,23 @@ async def test_retry_sleeps_until_due_not_claim_interval(server: EmbeddedServer,
     async with RunningWorker(app, settings):
         await wait_for(lambda: _true(len(calls) == 2), timeout_s=10, what="the retry")
     assert 0.2 - EARLY_S <= _gaps(calls)[0] <= 0.2 + LATE_S
+
+
+async def test_dlq_show_prints_the_traceback(server: EmbeddedServer, rc: aioredis.Redis, uid: str,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    stream, group = f"{uid}:jobs", f"{uid}-g"
+    app = App()
+
+    @app.handler(stream, group=group, dead_on=(ZeroDivisionError,))
+    async def divide(msg: Message) -> None:
+        msg.payload["n"] / 0
+
+    await publish(rc, stream, [{"n": 1}])
+    async with RunningWorker(app, make_settings(server, uid)):
+        await wait_for(lambda: _dead_count_is(rc, stream, 1), what="the dead letter")
+    [(letter, _)] = await rc.xrange(f"{stream}:dead")
+    code, out, _ = await asyncio.to_thread(cli, capsys, "dlq", "show", stream, letter.decode(), "--redis-url",
+                                           server.url)
+    assert code == 0
+    shown = out.split("traceback of the last failure\n", 1)[1]
+    assert 'msg.payload["n"] / 0' in shown and shown.rstrip().endswith("ZeroDivisionError: division by zero")

@@ -165,6 +165,9 @@ async def _show(streams: Streams, args: argparse.Namespace, source: str, dead_st
     print("fields" if letter.original else "fields: none (the entry was deleted before it was handled)")
     for key, value in letter.to_dict()["fields"].items():
         print(f"  {key}: {_pretty(value)}")
+    if letter.traceback:
+        print("traceback of the last failure")
+        print("\n".join(f"  {line}" for line in letter.traceback.rstrip().splitlines()))
     return ExitCode.OK
 
 

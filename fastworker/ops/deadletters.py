@@ -75,6 +75,11 @@ class DeadLetter:
         return _int(self.meta.get("deliveries"))
 
     @property
+    def traceback(self) -> str | None:
+        """The end of the last failure's traceback (`fw:traceback`), when the failure raised."""
+        return self.meta.get("traceback")
+
+    @property
     def dead_at_ms(self) -> int | None:
         return _int(self.meta.get("dead_at_ms"))
 
@@ -90,7 +95,7 @@ class DeadLetter:
         return {"id": self.id, "source_stream": self.source_stream, "source_id": self.source_id,
                 "group": self.group, "error_class": self.error_class, "error": self.error,
                 "deliveries": self.deliveries, "dead_at_ms": self.dead_at_ms, "requeues": self.requeues,
-                "fields": {text(k): text(v) for k, v in self.original.items()}}
+                "traceback": self.traceback, "fields": {text(k): text(v) for k, v in self.original.items()}}
 
 
 def _int(value: str | None) -> int | None:
