@@ -511,12 +511,15 @@ def _take_order(conn: Connection, signals: StopSignals) -> None:
     """An order of the supervisor: `stop` (drain) or `leave` (at once). Its end closing means it is gone: drain."""
     try:
         order, _ = conn.recv()
+        why = "the supervisor stops the fleet"
     except (EOFError, OSError):
         asyncio.get_running_loop().remove_reader(conn.fileno())
-        order = "stop"
+        order, why = "stop", "the supervisor is gone"
     if order == "leave":
+        logger.warning("the supervisor was signalled again: leaving at once")
         signals.request_leave()
-    else:
+    elif not signals.stop_requested:
+        logger.info("%s: draining", why)
         signals.request_stop()
 
 
