@@ -30,6 +30,7 @@ from fastworker.config import Settings
 from fastworker.dispatch import Dispatcher, Isolated
 from fastworker.errors import FastworkerError, NoGroupError, RedisUnavailable, SettleRefused
 from fastworker.message import Message, RawEntry, decode_entries
+from fastworker.outages import outages
 from fastworker.policy import backoff_s
 from fastworker.settlement import Settlement
 from fastworker.stats import Stats
@@ -58,7 +59,7 @@ class Outage:
     async def failed(self, error: FastworkerError, stopping: asyncio.Event | None = None) -> None:
         if self.attempt == 0:
             self.since = time.monotonic()
-            logger.warning("%s: %s; retrying with backoff", self.what, error)
+        outages.failed(self.what, error)  # logged once per outage per process, not per loop
         if not isinstance(error, RedisUnavailable):
             self.problems[self.what] = str(error)
         delay = backoff_s(self.attempt, cap_s=self.cap_s)
@@ -71,7 +72,7 @@ class Outage:
 
     def recovered(self) -> None:
         if self.attempt:
-            logger.warning("%s: recovered after %.1f s", self.what, time.monotonic() - self.since)
+            outages.recovered(self.what)
             self.attempt = 0
             self.problems.pop(self.what, None)
 

@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Literal
 
+from fastworker import recent
 from fastworker.app import Dedup, Handler
 from fastworker.config import TIMEOUT_OVERSHOOT
 from fastworker.errors import FastworkerError, Reject, Retry
@@ -625,6 +626,7 @@ class FailureLog:
 
     def seen(self, handler: str, message: Message, kind: str, reason: str, error: BaseException | None, level: int,
              action: Action = Action.DEAD) -> None:
+        recent.failures.note(handler, message.stream, message.id, message.deliveries, kind, reason, action.value)
         key = (handler, kind)
         now = time.monotonic()
         last, quiet = self._last.get(key, (None, 0))
