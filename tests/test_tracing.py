@@ -59,7 +59,7 @@ async def test_one_trace_from_publish_to_result_and_dead_letter(server: Embedded
             await publisher.publish(stream, {"n": 0})
             await publisher.publish_many(stream, [{"n": 1}])
     async with RunningWorker(app, make_settings(server, uid, tracing="on")):
-        await wait_for(lambda: _settled(rc, stream, group), what="both settled")
+        await wait_for(lambda: _settled(rc, stream, group, results), what="both settled")
     trace_id = f"{request.get_span_context().trace_id:032x}"
     handled = [s for s in spans.get_finished_spans() if s.name == f"{stream} process"]
     assert len(handled) == 2
@@ -74,8 +74,9 @@ async def test_one_trace_from_publish_to_result_and_dead_letter(server: Embedded
     assert _traceparent(dead) == (trace_id, f"{failed.context.span_id:016x}")
 
 
-async def _settled(rc: aioredis.Redis, stream: str, group: str) -> bool:
-    return await pending_count(rc, stream, group) == 0 and int(await rc.xlen(stream)) == 2
+async def _settled(rc: aioredis.Redis, stream: str, group: str, results: str) -> bool:
+    written = int(await rc.xlen(results)) == 1 and int(await rc.xlen(f"{stream}:dead")) == 1
+    return written and await pending_count(rc, stream, group) == 0
 
 
 async def test_tracing_off_wraps_nothing(provider: TracerProvider) -> None:
