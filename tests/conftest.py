@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -19,6 +20,17 @@ JOB = {"job_id": "job_01J9", "shop_id": "shop_4821", "shop_domain": "acme.myshop
        "trigger": "scheduled", "requested_at": "2026-11-25T10:00:00Z", "params": {"days": 90, "min_support": 0.01}}
 
 _counter = itertools.count()
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """Commands run in-process configure logging onto the test's captured stderr, which is closed after the test:
+    give the next test the root logger as it was."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
