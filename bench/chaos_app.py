@@ -19,20 +19,20 @@ app = App("chaos")
 _calls: list[int] = []
 
 
-def _record(msg: Message) -> None:
+def _record(job_id: str) -> None:
     if not _calls:
         path = os.path.join(CALLS_DIR, f"calls-{os.getpid()}.txt")
         _calls.append(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644))
-    os.write(_calls[0], msg.payload["job_id"].encode() + b"\n")
+    os.write(_calls[0], job_id.encode() + b"\n")
 
 
-@app.handler(demo.DATA_JOBS, group=demo.GROUPS[demo.DATA_JOBS])
-async def analyse(msg: Message) -> None:
-    _record(msg)
+@app.handler(demo.DATA_JOBS, group=demo.GROUPS[demo.DATA_JOBS], retry=demo.RETRY)
+async def analyse(msg: Message[demo.AnalysisJob]) -> None:
+    _record(msg.payload.job_id)
     await demo.analyse(msg)
 
 
-@app.handler(demo.ML_TRAINING, group=demo.GROUPS[demo.ML_TRAINING])
-async def train(msg: Message) -> None:
-    _record(msg)
+@app.handler(demo.ML_TRAINING, group=demo.GROUPS[demo.ML_TRAINING], retry=demo.RETRY)
+async def train(msg: Message[demo.TrainingJob]) -> None:
+    _record(msg.payload.job_id)
     await demo.train(msg)

@@ -174,7 +174,8 @@ class Consumer:
     def _settled(self, settlement: Settlement | None) -> None:
         """Count what the server confirmed of `settlement`, at the end of its life (written or given up), and tell
         the reclaimer when the retries it parked are due."""
-        if settlement is not None:
+        if settlement is not None and not settlement.counted:
+            settlement.counted = True
             self.stats.settled(settlement)
             if settlement.retried_by_stream and settlement.earliest_retry_s is not None and self.on_retry:
                 self.on_retry(settlement.earliest_retry_s)
@@ -213,7 +214,8 @@ class Consumer:
         block = None if history else self.settings.block_ms
         self._reading = True
         try:
-            reply = await self.channel.read(self.group, self.name, ids, self.settings.batch_size, block, settlement)
+            reply = await self.channel.read(self.group, self.name, ids, self.settings.batch_size, block, settlement,
+                                            self._settled)
         finally:
             self._reading = False
         if history is None:

@@ -89,15 +89,17 @@ class Reclaimer:
             self._wake.set()
 
     async def _pause(self, timeout_s: float) -> None:
+        """Wait `timeout_s`, or less when a retry is due sooner (one parked during the sweep counts too)."""
         loop = asyncio.get_running_loop()
-        self._wake_at = loop.time() + timeout_s
+        self._wake_at = min(self._wake_at, loop.time() + timeout_s)
         while not self.stopping.is_set():
             remaining = self._wake_at - loop.time()
             if remaining <= 0:
-                return
+                break
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), remaining)
+        self._wake_at = float("inf")  # from now on (the sweep), a parked retry is noted for the next pause
 
     async def sweep(self) -> float | None:
         """One pass over every stream of every group; returns the seconds until the next retry is due (None when

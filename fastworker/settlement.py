@@ -112,7 +112,9 @@ for k = 2, #KEYS do
   for j = 1, n do
     local fp = a + 1 + (n - j) * 3
     local entry = newest[j]
-    if entry and entry[1] ~= '18446744073709551615-18446744073709551615' and #entry[2] == tonumber(ARGV[fp]) and entry[2][1] == ARGV[fp + 1] and entry[2][2] == ARGV[fp + 2] then
+    local possible = entry and entry[1] ~= '18446744073709551615-18446744073709551615'
+    if possible and #entry[2] == tonumber(ARGV[fp]) and entry[2][1] == ARGV[fp + 1]
+        and entry[2][2] == ARGV[fp + 2] then
       ours[#ours + 1] = {KEYS[k], entry[1]}
     else
       complete = false
@@ -224,9 +226,9 @@ class Settlement:
     """What one batch's handling decided, written in as few steps as possible (one per kind, one script call for
     the entries with small outputs), and the counts the server confirmed."""
 
-    __slots__ = ("_retries", "_steps", "acked_by_stream", "acks", "claimed", "dead_by_stream",
+    __slots__ = ("_retries", "_steps", "acked_by_stream", "acks", "claimed", "counted", "dead_by_stream",
                  "deduplicated_by_stream", "deleted_by_stream", "earliest_retry_s", "forgotten", "group", "received",
-                 "records", "retried_by_stream", "skipped", "timings")
+                 "records", "retried_by_stream", "retry_wait_ms_by_stream", "skipped", "timings")
 
     def __init__(self, group: str) -> None:
         self.group = group
@@ -243,8 +245,10 @@ class Settlement:
         self.acked_by_stream: dict[str, int] = {}
         self.dead_by_stream: dict[str, int] = {}
         self.retried_by_stream: dict[str, int] = {}
+        self.retry_wait_ms_by_stream: dict[str, int] = {}  # the delays the confirmed retries were scheduled with
         self.deleted_by_stream: dict[str, int] = {}
         self.skipped = 0  # entries with outputs that another consumer had settled first
+        self.counted = False  # its confirmed counts were added to the worker's stats (once)
         self._steps: list[Step] | None = None
 
     # -- deciding ---------------------------------------------------------------------------------------------
@@ -346,6 +350,7 @@ class Settlement:
             _add(self.deleted_by_stream, step.stream, len(step.ids))
         elif step.kind == "retry":
             _add(self.retried_by_stream, step.stream, len(step.ids))
+            _add(self.retry_wait_ms_by_stream, step.stream, sum(delay for _, delay in self._retries[step.stream]))
         else:
             flags = reply if step.kind == "script" else [reply[-1]]
             for record, flag in zip(step.records, flags, strict=True):

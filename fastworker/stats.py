@@ -70,7 +70,8 @@ class Stats:
         group = settlement.group
         for outcome, counts in (("acked", settlement.acked_by_stream), ("dead", settlement.dead_by_stream),
                                 ("retried", settlement.retried_by_stream), ("deleted", settlement.deleted_by_stream),
-                                ("deduplicated", settlement.deduplicated_by_stream)):
+                                ("deduplicated", settlement.deduplicated_by_stream),
+                                ("retry_wait_ms", settlement.retry_wait_ms_by_stream)):
             for stream, count in counts.items():
                 self._add(stream, group, outcome, count)
         for stream, (elapsed, calls) in settlement.timings.items():

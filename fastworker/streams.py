@@ -22,7 +22,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -119,12 +119,16 @@ def settle_errors(settlement: Settlement, replies: Sequence[Any], url: str) -> N
     """Confirm a settlement's replies; raise SettleRefused if the server refused any of its steps (those steps
     wrote nothing and stay in the settlement, to be sent again)."""
     errors = settlement.confirm(replies)
+    _log_skipped(settlement)
+    if errors:
+        raise SettleRefused(translate(errors[0], url), len(errors))
+
+
+def _log_skipped(settlement: Settlement) -> None:
     if settlement.skipped:
         logger.info("%d entries of group=%s were settled by another consumer first; their outputs were not "
                     "written again", settlement.skipped, settlement.group)
         settlement.skipped = 0
-    if errors:
-        raise SettleRefused(translate(errors[0], url), len(errors))
 
 
 class Channel:
@@ -160,13 +164,17 @@ class Channel:
         """Send `commands` in one write; their replies in order, server errors as values (I/O errors raise)."""
         return await self._exchange(commands)
 
-    async def _exchange(self, commands: Sequence[Command]) -> list[Any]:
-        """Replies in order, server errors as values."""
+    async def _exchange(self, commands: Sequence[Command],
+                        first: Callable[[list[Any]], None] | None = None) -> list[Any]:
+        """Replies in order, server errors as values. `first` is given the replies of all but the last command as
+        soon as they are in: a settlement is confirmed while the blocking read sent behind it still waits."""
         try:
             conn = await self._connection()
             await conn.send_packed_command(pack(commands), check_health=False)
             replies: list[Any] = []
-            for _ in commands:
+            for index in range(len(commands)):
+                if first is not None and index == len(commands) - 1:
+                    first(replies)
                 try:
                     replies.append(await conn.read_response())
                 except rex.ResponseError as exc:
@@ -177,18 +185,30 @@ class Channel:
             raise translate(exc, self._url) from exc
 
     async def read(self, group: str, consumer: str, ids: dict[str, str], count: int, block_ms: int | None,
-                   settlement: Settlement | None = None) -> dict[str, list[RawEntry]]:
+                   settlement: Settlement | None = None,
+                   on_settled: Callable[[Settlement], None] | None = None) -> dict[str, list[RawEntry]]:
         """Settle the previous batch (if any) and XREADGROUP the next one, in one round trip.
 
         `ids` maps each stream to `>` (new entries) or the last id seen of this consumer's own pending history.
-        Returns the entries per stream; streams with nothing to read are absent.
+        Returns the entries per stream; streams with nothing to read are absent. `on_settled` is called with the
+        settlement once the server confirmed all of it, before a blocking read returns.
         """
         settle = settlement.commands() if settlement else []
         read: Command = ("XREADGROUP", "GROUP", group, consumer, "COUNT", count,
                          *(("BLOCK", block_ms) if block_ms is not None else ()), "STREAMS", *ids, *ids.values())
-        replies = await self._exchange([*settle, read])
+        refused: list[Exception] = []
+
+        def confirm(replies: list[Any]) -> None:
+            if settlement is not None:
+                refused.extend(settlement.confirm(replies))
+                if not refused and on_settled is not None:
+                    on_settled(settlement)
+
+        replies = await self._exchange([*settle, read], confirm)
         if settlement is not None:
-            settle_errors(settlement, replies[:-1], self._url)  # the entries just read stay pending if it raises
+            _log_skipped(settlement)
+            if refused:  # the entries just read stay pending
+                raise SettleRefused(translate(refused[0], self._url), len(refused))
         if isinstance(replies[-1], Exception):
             raise translate(replies[-1], self._url)
         return _stream_entries(replies[-1])

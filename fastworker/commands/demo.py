@@ -145,6 +145,7 @@ class AppEmulation:
         self.handed = 0  # payloads handed to the publisher: the live line's `published`
         self.confirmed_by: dict[str, int] = {}  # entries the server confirmed, per stream
         self.failing = 0
+        self.rate_limited = 0  # handled after one retry: the throughput figure does not wait for them
         self.started = 0.0
         self.first_pass = 0.0  # when every job that can succeed had succeeded
         self.finished = 0.0
@@ -176,12 +177,24 @@ class AppEmulation:
                 for offset, stream in enumerate(STREAMS)))
 
     async def _payloads(self, offset: int) -> AsyncIterator[dict[str, Any]]:
+        """The sample jobs; a share `fail_rate` of them fail for good (an upstream error retried with backoff until
+        dead-lettered, a poison message, a malformed payload), another as many are rate limited once (retried after
+        the API's Retry-After, then handled)."""
         rng = random.Random(offset)
+        stream = STREAMS[offset]
         for index in range(offset, self.jobs, len(STREAMS)):
-            payload = demo.sample_payload(STREAMS[offset], index)
-            if rng.random() < self.fail_rate:
-                payload["simulate"] = "error" if index % 2 else "poison"
+            payload = demo.sample_payload(stream, index)
+            draw = rng.random()
+            if draw < self.fail_rate:
+                kind = ("error", "poison", "malformed")[index % 3]
+                if kind == "malformed":
+                    payload = demo.malformed_payload(stream, index)
+                else:
+                    payload["simulate"] = kind
                 self.failing += 1
+            elif draw < 2 * self.fail_rate:
+                payload["simulate"] = "rate_limited"
+                self.rate_limited += 1
             self.handed += 1
             yield payload
             if self.rate and index % CHUNK < len(STREAMS):
@@ -210,7 +223,8 @@ class AppEmulation:
         while True:
             await asyncio.sleep(TICK_S)
             tally = self.tally(supervisor)
-            if not self.first_pass and self.handed == self.jobs and tally.acked >= self.jobs - self.failing:
+            if not self.first_pass and self.handed == self.jobs and \
+                    tally.acked >= self.jobs - self.failing - self.rate_limited:
                 self.first_pass = time.perf_counter()
                 tally = self.tally(supervisor)
             if supervisor.signals.received is not None and not told:
@@ -241,7 +255,33 @@ class AppEmulation:
                   "same time")
             print(f"{tally.dead:,} failing jobs dead-lettered, {plural(tally.retried, 'retry', 'retries')}, "
                   f"all settled after {self.finished - self.started:.2f} s")
+            await self._failures(supervisor)
         await self._table(supervisor)
+
+    async def _failures(self, supervisor: Supervisor) -> None:
+        """What the handler contract did with the failing jobs: backoff, Retry-After, validation."""
+        totals = supervisor.totals()
+        classes = await self._dead_classes()
+        waited = _count(totals, "retry_wait_ms") / 1000
+        retried = _count(totals, "retried")
+        print(f"{plural(retried, 'retry', 'retries')} with backoff waited {waited:.2f} s in all"
+              f"{f' ({waited / retried:.2f} s each on average)' if retried else ''}; dead letters by class: "
+              + (", ".join(f"{name} {count:,}" for name, count in sorted(classes.items())) or "none"))
+        print(f"{plural(classes.get('PayloadInvalid', 0), 'malformed job')} dead-lettered for validation at the "
+              f"first delivery (see `fastworker dlq list {demo.DATA_JOBS} --error-class PayloadInvalid`)")
+
+    async def _dead_classes(self) -> dict[str, int]:
+        client = aioredis.Redis.from_url(self.url)
+        counts: dict[str, int] = {}
+        try:
+            for stream in STREAMS:
+                letters: Any = await client.xrange(stream + self.dead_letter_suffix)
+                for _, fields in letters:
+                    name = fields.get(b"fw:error_class", b"?").decode()
+                    counts[name] = counts.get(name, 0) + 1
+        finally:
+            await client.aclose()
+        return counts
 
     def _interrupted(self, tally: Tally, supervisor: Supervisor) -> None:
         if not self.started:
