@@ -44,49 +44,51 @@ def retry_key(stream: str, group: str) -> str:
 # field values than this goes through the transaction instead of the script.
 SCRIPT_MAX_VALUES = 7_000
 
-# Settles the entries with small outputs, atomically: an entry's outputs are written only if it is still pending
-# (so its XACK will settle it), i.e. only by the consumer that settles it first. In three passes, so that nothing
-# can be acked without its outputs: before anything is written, every key is checked for its type and every write
-# for the user's permission; then the outputs of the entries still pending are added, and if one XADD fails (a
-# stream whose ID space is exhausted, say) those just added are deleted again and nothing is acked; then the acks.
+# Settles the entries with small outputs, atomically: an entry's outputs are written only if its XACK removed it
+# from the PEL, i.e. only by the consumer that settles it first. A Lua script that fails part-way keeps what it did,
+# so everything that could make a write fail is checked before the first one, and the script either runs whole or
+# writes nothing: every key's type, the user's permission for each write (the ACL), and, where the user may read
+# it, that no output stream has used up its ID space (its newest entry at the last possible id, where XADD *
+# fails). Past the first write, the server does not refuse later writes for memory. One XACK and one XADD per entry:
+# the cheapest settle there is (see the note on XPENDING checks in the README's benchmarks).
 # KEYS: every stream touched, sources first. ARGV: group, source count, then per entry: stream, id, output count,
 # then per output: stream, value count, values. Returns one flag per entry: 1 settled here, 0 settled before.
 SETTLE_SCRIPT = """
+local group, sources = ARGV[1], tonumber(ARGV[2])
 for k, key in ipairs(KEYS) do
   local kind = redis.call('TYPE', key)['ok']
   if kind ~= 'stream' and kind ~= 'none' then
     return redis.error_reply('WRONGTYPE ' .. key .. ' holds a ' .. kind .. ', not a stream')
   end
-  if k <= tonumber(ARGV[2]) then
-    if not redis.acl_check_cmd('XACK', key, ARGV[1], '0-1') then
+  if k <= sources then
+    if not redis.acl_check_cmd('XACK', key, group, '0-1') then
       return redis.error_reply('NOPERM this user may not XACK ' .. key)
     end
-  elseif not redis.acl_check_cmd('XADD', key, '*', 'f', 'v') then
-    return redis.error_reply('NOPERM this user may not XADD to ' .. key)
+  else
+    if not redis.acl_check_cmd('XADD', key, '*', 'f', 'v') then
+      return redis.error_reply('NOPERM this user may not XADD to ' .. key)
+    end
+    if kind == 'stream' and redis.acl_check_cmd('XREVRANGE', key, '+', '-', 'COUNT', '1') then
+      local newest = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)[1]
+      if newest and newest[1] == '18446744073709551615-18446744073709551615' then
+        return redis.error_reply('ERR ' .. key .. ' has used up its ID space: XADD * cannot add to it')
+      end
+    end
   end
 end
-local group, i, entries, added = ARGV[1], 3, {}, {}
+local i, flags = 3, {}
 while i <= #ARGV do
-  local stream, id, outputs = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-  local pending = #redis.call('XPENDING', stream, group, id, id, 1) == 1
-  entries[#entries + 1] = {stream, id, pending}
+  local acked = redis.call('XACK', ARGV[i], group, ARGV[i + 1])
+  local outputs = tonumber(ARGV[i + 2])
   i = i + 3
   for _ = 1, outputs do
     local count = tonumber(ARGV[i + 1])
-    if pending then
-      local out = redis.pcall('XADD', ARGV[i], '*', unpack(ARGV, i + 2, i + 1 + count))
-      if type(out) == 'table' and out.err then
-        for _, done in ipairs(added) do redis.pcall('XDEL', done[1], done[2]) end
-        return redis.error_reply('XADD to ' .. ARGV[i] .. ' failed, nothing was settled: ' .. out.err)
-      end
-      added[#added + 1] = {ARGV[i], out}
+    if acked == 1 then
+      redis.call('XADD', ARGV[i], '*', unpack(ARGV, i + 2, i + 1 + count))
     end
     i = i + 2 + count
   end
-end
-local flags = {}
-for n, entry in ipairs(entries) do
-  flags[n] = entry[3] and redis.call('XACK', entry[1], group, entry[2]) or 0
+  flags[#flags + 1] = acked
 end
 return flags
 """
