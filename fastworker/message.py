@@ -70,7 +70,7 @@ class Message(Generic[PayloadT]):
         `fields`. Raises TypeError for a payload that cannot be written as JSON."""
         flat: list[FieldValue] = []
         if payload is not None:
-            flat += [DEFAULT_PAYLOAD_FIELD, orjson.dumps(payload, default=_to_builtins)]
+            flat += [DEFAULT_PAYLOAD_FIELD, orjson.dumps(payload) if type(payload) is dict else _encode(payload)]
         for key, value in (fields or {}).items():
             flat += [key, value]
         if not flat:
@@ -84,10 +84,10 @@ class Message(Generic[PayloadT]):
         return f"<Message {self.stream} {self.id} deliveries={self.deliveries}{state}>"
 
 
-def _to_builtins(value: Any) -> Any:
-    from fastworker.payloads import to_builtins
+def _encode(payload: Any) -> bytes:
+    from fastworker.payloads import encode_json
 
-    return to_builtins(value)
+    return encode_json(payload)
 
 
 def text(value: bytes | str) -> str:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, get_type_hints, is_typeddict
 
 import msgspec
+import orjson
 
 from fastworker.errors import PayloadInvalid
 
@@ -123,10 +124,14 @@ def _pydantic_message(exc: Any) -> str:
     return f"{path}: {what[:1].lower()}{what[1:]}{more}"
 
 
-def to_builtins(value: Any) -> Any:
-    """orjson's `default` hook: typed results (msgspec Structs, pydantic models) as plain JSON values."""
-    if isinstance(value, msgspec.Struct):
-        return msgspec.to_builtins(value)
-    if hasattr(value, "model_dump"):
-        return value.model_dump(mode="json")
-    raise TypeError(f"cannot encode {type(value).__name__} as JSON")
+_ENCODER = msgspec.json.Encoder()
+
+
+def encode_json(value: Any) -> bytes:
+    """A result as JSON: msgspec Structs and dataclasses by msgspec (in C, no dict in between), pydantic models by
+    pydantic, anything else by orjson. Raises TypeError for what none of them can write."""
+    if isinstance(value, msgspec.Struct) or dataclasses.is_dataclass(value):
+        return _ENCODER.encode(value)
+    if hasattr(value, "model_dump_json"):
+        return str(value.model_dump_json()).encode()
+    return orjson.dumps(value)
