@@ -169,6 +169,9 @@ class Dispatcher:
             action = decide(outcome, message.deliveries, limit, handler.dead_on)
             reason = outcome.reason if isinstance(outcome, Reject | Retry) else str(outcome)
             kind = type(outcome).__name__
+            if isinstance(outcome, Retry) and outcome.__cause__ is not None:  # `raise Retry(...) from exc`: file it
+                cause = outcome.__cause__  # under the real error, so `dlq list --error-class` finds it
+                kind, reason = type(cause).__name__, f"{reason}: {cause}"
             trace = self.tracer.failed_call_fields(message) if self.tracer is not None else ()
             if action is Action.DEAD:
                 settlement.dead_letter(message, dead_stream, kind, reason, _traceback(outcome), trace)

@@ -46,7 +46,7 @@ def tracer_for(mode: str) -> HandlerTracer | None:
     """The tracer the worker's dispatcher wraps handlers with, or None (no tracing, nothing wrapped).
 
     `auto` traces when opentelemetry is installed and the app configured a tracer provider (in its module or an
-    `on_startup` hook); `on` requires the extra; `off` never traces. Raises ConfigError for `on` without the extra.
+    `on_startup` hook); `on` requires both; `off` never traces. Raises ConfigError for `on` without them.
     """
     if mode == "off":
         return None
@@ -54,7 +54,10 @@ def tracer_for(mode: str) -> HandlerTracer | None:
         if mode == "on":
             raise ConfigError("tracing is on but opentelemetry is not installed: pip install 'fastworker[otel]'")
         return None
-    if mode == "auto" and type(trace.get_tracer_provider()).__name__ in ("ProxyTracerProvider", "NoOpTracerProvider"):
+    if type(trace.get_tracer_provider()).__name__ in ("ProxyTracerProvider", "NoOpTracerProvider"):
+        if mode == "on":
+            raise ConfigError("tracing is on but the app set up no OpenTelemetry tracer provider (in its module or an "
+                              "on_startup hook): spans would go nowhere; set one up, or use --tracing auto or off")
         return None
     return HandlerTracer()
 

@@ -373,3 +373,23 @@ async def test_dlq_show_prints_the_traceback(server: EmbeddedServer, rc: aioredi
     assert code == 0
     shown = out.split("traceback of the last failure\n", 1)[1]
     assert 'msg.payload["n"] / 0' in shown and shown.rstrip().endswith("ZeroDivisionError: division by zero")
+
+
+async def test_retry_from_an_error_is_dead_lettered_under_that_error(server: EmbeddedServer, rc: aioredis.Redis,
+                                                                     uid: str) -> None:
+    stream, group = f"{uid}:jobs", f"{uid}-g"
+    app = App()
+
+    @app.handler(stream, group=group, max_deliveries=1)
+    async def limited(msg: Message) -> None:
+        try:
+            raise TimeoutError("the shop's API did not answer")
+        except TimeoutError as exc:
+            raise Retry("try later", delay_s=0) from exc
+
+    await publish(rc, stream, [JOB])
+    async with RunningWorker(app, make_settings(server, uid)):
+        await wait_for(lambda: _dead_count_is(rc, stream, 1), what="the dead letter")
+    [dead] = await _dead(rc, stream)
+    assert dead[b"fw:error_class"] == b"TimeoutError"
+    assert dead[b"fw:error"] == b"try later: the shop's API did not answer"

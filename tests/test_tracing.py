@@ -82,3 +82,12 @@ async def _settled(rc: aioredis.Redis, stream: str, group: str, results: str) ->
 async def test_tracing_off_wraps_nothing(provider: TracerProvider) -> None:
     assert tracer_for("off") is None
     assert tracer_for("auto") is not None  # the app configured a provider
+
+
+def test_tracing_on_without_a_tracer_provider_is_a_config_error() -> None:
+    import subprocess
+    import sys
+
+    code = "from fastworker.tracing import tracer_for; tracer_for('on')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode != 0 and "no OpenTelemetry tracer provider" in done.stderr
