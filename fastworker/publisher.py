@@ -51,6 +51,8 @@ IdsCallback = Callable[[list[str]], object]
 ProgressCallback = Callable[[int], object]
 
 
+FLUSH_AFTER_S = 0.05  # an async source slower than this has what it gave so far sent anyway (publish_stream)
+
 class PayloadError(FastworkerError):
     """A payload could not be published (not serialisable by orjson, or a field value of an unsupported type).
 
@@ -434,16 +436,59 @@ async def _feed(encoder: _Encoder, sender: _Sender, iterator: Iterator[Any]) -> 
     await sender.send(*encoder.take())
 
 
+class _Flusher:
+    """Sends the chunk an async source fills: when it is full, or FLUSH_AFTER_S after its first payload when the
+    source is slower than that, so a slow or quiet source (a queue, a change feed) never keeps what it gave in the
+    producer. One timer per chunk, not per payload; sends are serialised, so the order is kept."""
+
+    def __init__(self, encoder: _Encoder, sender: _Sender) -> None:
+        self.encoder = encoder
+        self.sender = sender
+        self.lock = asyncio.Lock()
+        self.timer: asyncio.TimerHandle | None = None
+        self.flushes: list[asyncio.Future[None]] = []
+
+    async def add(self, item: Any) -> None:
+        for flush in [flush for flush in self.flushes if flush.done()]:
+            self.flushes.remove(flush)
+            flush.result()  # a failed flush fails the publish, as a failed send would
+        if self.encoder.add(item):
+            self.cancel()
+            await self.send()
+        elif self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(FLUSH_AFTER_S, self._due)
+
+    async def send(self) -> None:
+        async with self.lock:
+            if self.encoder.count:
+                await self.sender.send(*self.encoder.take())
+
+    def _due(self) -> None:
+        self.timer = None
+        self.flushes.append(asyncio.ensure_future(self.send()))
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    async def finish(self) -> None:
+        self.cancel()
+        await asyncio.gather(*self.flushes)
+        await self.send()
+
+
 async def _feed_async(encoder: _Encoder, sender: _Sender, payloads: AsyncIterable[Any]) -> None:
+    flusher = _Flusher(encoder, sender)
     try:
         async for item in payloads:
-            if encoder.add(item):
-                await sender.send(*encoder.take())
+            await flusher.add(item)
     except Exception:
+        flusher.cancel()
         if sender.usable:
-            await sender.send(*encoder.take())
+            await flusher.send()
         raise
-    await sender.send(*encoder.take())
+    await flusher.finish()
 
 
 class SyncPublisher:

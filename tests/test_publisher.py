@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -13,7 +14,7 @@ import redis.asyncio as aioredis
 from fastworker import EmbeddedServer, RedisUnavailable
 from fastworker.publisher import Entry, PayloadError, Publisher, StreamTypeError, SyncPublisher, _Replies
 from fastworker.server import free_port
-from tests.conftest import JOB
+from tests.conftest import JOB, wait_for
 
 
 @pytest.fixture
@@ -232,3 +233,27 @@ def test_sync_publisher_publishes_without_an_event_loop(server: EmbeddedServer, 
         ids = pub.publish_many(uid, ({"i": i} for i in range(1, 1_501)))
         count = pub.publish_stream(uid, [{"i": -1}] * 10)
     assert len(ids) == 1_500 and first < ids[0] and count == 10
+
+
+async def test_publish_stream_sends_what_a_slow_source_gave_without_waiting_for_a_full_chunk(
+        server: EmbeddedServer, rc: aioredis.Redis, uid: str) -> None:
+    # A source that gives 10 jobs and then goes quiet (a queue, a change feed): they must reach the server, not
+    # wait in the producer for 990 more.
+    stream = f"{uid}:jobs"
+    quiet = asyncio.Event()
+
+    async def source() -> AsyncIterator[dict[str, int]]:
+        for n in range(10):
+            yield {"n": n}
+        await quiet.wait()
+
+    async with Publisher(server.url) as publisher:
+        publishing = asyncio.ensure_future(publisher.publish_stream(stream, source()))
+        await wait_for(lambda: _length(rc, stream, 10), timeout_s=5, what="the 10 jobs on the server")
+        quiet.set()
+        assert await publishing == 10
+    assert [orjson.loads(f[b"data"])["n"] for _, f in await rc.xrange(stream)] == list(range(10))
+
+
+async def _length(rc: aioredis.Redis, stream: str, n: int) -> bool:
+    return int(await rc.xlen(stream)) == n
