@@ -107,3 +107,13 @@ def test_demo_warning_lines_do_not_break_the_progress_line() -> None:
     assert warnings  # the failing jobs were logged while the progress line was up
     assert [line for line in shown if "WARNING" in line and "published" in line] == []
     assert all(re.match(r"\d{4}-\d\d-\d\d ", line) for line in warnings)  # each log line whole, from its start
+
+
+@pytest.mark.slow
+def test_demo_into_head_ends_quietly() -> None:
+    # `| head` goes away after two lines: the demo stops its fleet and ends with 0, no traceback, no hang.
+    command = f"{sys.executable} -m fastworker demo --jobs 300 --processes 1 --fail-rate 0 | head -2; " \
+              "exit ${PIPESTATUS[0]}"
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=90, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr and "Broken pipe" not in done.stderr

@@ -78,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
         if args.dashboard:
             serve_dashboard(supervisor)
         code = supervisor.run()
+        if emulation.reader_gone:
+            raise BrokenPipeError  # the command line ends quietly, as it does for every command
         if emulation.error:
             emulation.display.finish(emulation.line(emulation.tally(supervisor)))
             print(f"fastworker: error: {emulation.error}", file=sys.stderr)
@@ -146,6 +148,7 @@ class AppEmulation:
         self.confirmed_by: dict[str, int] = {}  # entries the server confirmed, per stream
         self.failing = 0
         self.rate_limited = 0  # handled after one retry: the throughput figure does not wait for them
+        self.reader_gone = False  # our output's reader went away (a closed pipe)
         self.started = 0.0
         self.first_pass = 0.0  # when every job that can succeed had succeeded
         self.finished = 0.0
@@ -218,6 +221,13 @@ class AppEmulation:
                 f"{tally.rate:>9,.0f} msgs/s")
 
     async def _watch(self, supervisor: Supervisor) -> None:
+        try:
+            await self._watch_until_settled(supervisor)
+        except BrokenPipeError:  # whoever read our output (`| head`) went away: stop, and end quietly
+            self.reader_gone = True
+            supervisor.stop()
+
+    async def _watch_until_settled(self, supervisor: Supervisor) -> None:
         deadline = time.monotonic() + self.timeout_s
         told = False
         while True:
