@@ -143,7 +143,8 @@ def test_every_setting_has_exactly_one_flag_and_back() -> None:
     names = [field.name for field in dataclasses.fields(Settings)]
     flags = [config.flag_name(name) for name in names]
     assert len(set(flags)) == len(flags)
-    values = {name: config.CHOICES.get(name, ("7",))[0] for name in names}  # valid for every setting
+    # valid for every setting ("7" in range for the numbers, the first choice for the rest, a fraction for jitter)
+    values = {name: config.CHOICES.get(name, ("0.5" if name == "retry_jitter" else "7",))[0] for name in names}
     argv = ["run", "x:app"]
     for name, value in values.items():
         argv += [config.flag_name(name), value]
