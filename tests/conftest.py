@@ -15,6 +15,8 @@ import redis
 import redis.asyncio as aioredis
 
 from fastworker import App, EmbeddedServer, Settings, Worker
+from fastworker.settlement import Settlement
+from fastworker.streams import Streams
 
 JOB = {"job_id": "job_01J9", "shop_id": "shop_4821", "shop_domain": "acme.myshopify.com", "type": "analysis",
        "trigger": "scheduled", "requested_at": "2026-11-25T10:00:00Z", "params": {"days": 90, "min_support": 0.01}}
@@ -119,6 +121,18 @@ class RunningWorker:
         self.worker.stop()
         assert self.task is not None
         await asyncio.wait_for(self.task, 30)
+
+
+async def settle_once(server: EmbeddedServer, settlement: Settlement) -> int:
+    """Write `settlement` on a channel of its own; returns how many entries it settled (acked or dead)."""
+    streams = Streams(make_settings(server, "settle"))
+    channel = streams.channel()
+    try:
+        await channel.settle(settlement)
+    finally:
+        await channel.aclose()
+        await streams.aclose()
+    return sum(settlement.acked_by_stream.values()) + sum(settlement.dead_by_stream.values())
 
 
 async def pending_count(client: aioredis.Redis, stream: str, group: str) -> int:

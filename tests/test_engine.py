@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from fastworker import App, Dedup, EmbeddedServer, Message, Reject
 from fastworker.errors import RedisCommandError
 from fastworker.settlement import Settlement
-from tests.conftest import JOB, RunningWorker, make_settings, pending_count, publish, wait_for
+from tests.conftest import JOB, RunningWorker, make_settings, pending_count, publish, settle_once, wait_for
 
 
 async def test_engine_handles_every_entry_and_publishes_results(server: EmbeddedServer, rc: aioredis.Redis,
@@ -225,18 +225,6 @@ async def _true(value: bool) -> bool:
     return value
 
 
-async def _settle_once(server: EmbeddedServer, settlement: Settlement) -> int | None:
-    from fastworker.streams import Streams
-
-    streams = Streams(make_settings(server, "settle"))
-    channel = streams.channel()
-    try:
-        await channel.settle(settlement)
-    finally:
-        await channel.aclose()
-        await streams.aclose()
-    return sum(settlement.acked_by_stream.values()) + sum(settlement.dead_by_stream.values())
-
 
 def _settlement(group: str, stream: str, ok_id: str, bad_id: str, results: str) -> Settlement:
     settlement = Settlement(group)
@@ -253,7 +241,7 @@ async def test_settle_writes_results_dead_letters_and_acks_together(server: Embe
     stream, group, results = f"{uid}:jobs", f"{uid}-g", f"{uid}:results"
     ok_id, bad_id = await publish(rc, stream, [1, "x"])
     await _read_as(rc, stream, group, "c", 2)
-    assert await _settle_once(server, _settlement(group, stream, ok_id, bad_id, results)) == 2
+    assert await settle_once(server, _settlement(group, stream, ok_id, bad_id, results)) == 2
     assert await pending_count(rc, stream, group) == 0
     assert orjson.loads((await rc.xrange(results))[0][1][b"data"]) == {"job": 1}
     [(_, dead)] = await rc.xrange(f"{stream}:dead")
@@ -267,8 +255,8 @@ async def test_settle_writes_results_only_for_the_first_settlement(server: Embed
     stream, group, results = f"{uid}:jobs", f"{uid}-g", f"{uid}:results"
     ok_id, bad_id = await publish(rc, stream, [1, "x"])
     await _read_as(rc, stream, group, "c", 2)
-    assert await _settle_once(server, _settlement(group, stream, ok_id, bad_id, results)) == 2
-    assert await _settle_once(server, _settlement(group, stream, ok_id, bad_id, results)) == 0
+    assert await settle_once(server, _settlement(group, stream, ok_id, bad_id, results)) == 2
+    assert await settle_once(server, _settlement(group, stream, ok_id, bad_id, results)) == 0
     assert await rc.xlen(results) == 1
     assert await rc.xlen(f"{stream}:dead") == 1
 
@@ -280,7 +268,7 @@ async def test_settle_refuses_an_output_key_of_the_wrong_type(server: EmbeddedSe
     await _read_as(rc, stream, group, "c", 2)
     await rc.set(results, "not a stream")
     with pytest.raises(RedisCommandError, match="WRONGTYPE"):
-        await _settle_once(server, _settlement(group, stream, ok_id, bad_id, results))
+        await settle_once(server, _settlement(group, stream, ok_id, bad_id, results))
     assert await pending_count(rc, stream, group) == 2  # nothing was acked, nothing is lost
     assert await rc.xlen(f"{stream}:dead") == 0
 

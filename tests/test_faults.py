@@ -24,8 +24,7 @@ import redis.asyncio as aioredis
 
 from fastworker import App, EmbeddedServer, ExitCode, Message, Reject
 from fastworker.settlement import SCRIPT_MAX_VALUES, Settlement
-from fastworker.streams import Streams
-from tests.conftest import JOB, RunningWorker, make_settings, pending_count, publish, wait_for
+from tests.conftest import JOB, RunningWorker, make_settings, pending_count, publish, settle_once, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -174,16 +173,6 @@ async def test_wide_result_is_written_with_the_ack(server: EmbeddedServer, rc: a
     assert lengths == [1, 1, fields, fields]
 
 
-async def _settle(server: EmbeddedServer, settlement: Settlement) -> None:
-    streams = Streams(make_settings(server, "settle"))
-    channel = streams.channel()
-    try:
-        await channel.settle(settlement)
-    finally:
-        await channel.aclose()
-        await streams.aclose()
-
-
 def _wide_settlement(group: str, stream: str, entry_id: str, results: str, other: str) -> Settlement:
     message = Message(stream, entry_id.encode(), [b"data", b"1"], 1, 1)
     message.emit(results, fields=_wide(SCRIPT_MAX_VALUES))
@@ -201,8 +190,8 @@ async def test_wide_outputs_are_written_once_when_two_consumers_settle_the_same_
     await rc.xreadgroup(group, "c", {stream: ">"}, count=1)
     await rc.xadd(results, {"before": 1})
     first, second = (_wide_settlement(group, stream, entry_id, results, other) for _ in range(2))
-    await _settle(server, first)
-    await _settle(server, second)  # handled again elsewhere (a claim): its outputs must not be written again
+    await settle_once(server, first)
+    await settle_once(server, second)  # handled again elsewhere (a claim): its outputs must not be written again
     assert first.acked_by_stream == {stream: 1} and second.acked_by_stream == {} and second.done
     assert await rc.xlen(results) == 2 and await rc.xlen(other) == 1
     assert [len(fields) for _, fields in await rc.xrange(results)] == [1, SCRIPT_MAX_VALUES]
@@ -216,7 +205,7 @@ async def test_wide_output_to_a_key_of_the_wrong_type_writes_nothing(
     await rc.xreadgroup(group, "c", {stream: ">"}, count=1)
     await rc.set(other, "not a stream")
     with pytest.raises(Exception, match="WRONGTYPE"):
-        await _settle(server, _wide_settlement(group, stream, entry_id, results, other))
+        await settle_once(server, _wide_settlement(group, stream, entry_id, results, other))
     assert await pending_count(rc, stream, group) == 1  # not acked
     assert await rc.xlen(results) == 0  # and the output that could be written was taken back
 
