@@ -29,6 +29,7 @@ from fastworker.config import Settings
 from fastworker.consumer import REFUSED_BACKOFF_CAP_S, KeepClaimed, Outage, ids_by_stream, resend_refused, until
 from fastworker.dispatch import Dispatcher, Isolated
 from fastworker.errors import FastworkerError, SettleRefused
+from fastworker.logs import plural
 from fastworker.message import RawEntry, decode_entries, text
 from fastworker.policy import MAX_RETRY_DELAY_S
 from fastworker.settlement import RETRY_CONSUMER, Settlement
@@ -180,8 +181,10 @@ class Reclaimer:
         settlement = Settlement(group)
         if entries:
             messages = decode_entries(stream, entries, counts, handler.payload, handler.payload_field, handler.typed)
-            logger.info("claimed %d entries stream=%s group=%s into consumer=%s", len(messages), stream, group,
-                        self.claimer)
+            # An orphan (its worker died) is news; a retry that came due is the schedule working.
+            logger.log(logging.INFO if isolation != "shared" else logging.DEBUG,
+                       "claimed %s stream=%s group=%s into consumer=%s", plural(len(messages), "entry", "entries"),
+                       stream, group, self.claimer)
             self.stats.received(group, {stream: len(messages)}, claimed=True)
             batch = {stream: messages}
             with KeepClaimed(self.streams, group, self.claimer, lambda: ids_by_stream(batch),
