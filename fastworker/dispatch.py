@@ -269,7 +269,7 @@ class Dispatcher:
             if record is None and key not in seen:
                 seen.add(key)
                 fresh.append(message)
-            elif record is None:  # a twin in this very batch: it comes back after claim idle, and is skipped then
+            elif record is None:  # a twin in this very batch: it comes back as a retry, and is skipped then
                 settlement.retry(message, self.backoff.delay_s(message.deliveries))
             else:
                 try:
