@@ -57,7 +57,7 @@ class PayloadType:
         try:
             return msgspec.convert(fields, self.kind, strict=False)
         except msgspec.ValidationError as exc:
-            raise PayloadInvalid(_msgspec_message(exc)) from None
+            raise PayloadInvalid(_with_value(_msgspec_message(exc), fields)) from None
 
     def _pydantic_json(self, data: bytes) -> Any:
         import pydantic
@@ -75,7 +75,7 @@ class PayloadType:
         try:
             return self.kind.model_validate(fields)
         except pydantic.ValidationError as exc:
-            raise PayloadInvalid(_pydantic_message(exc)) from None
+            raise PayloadInvalid(_with_value(_pydantic_message(exc), fields)) from None
 
 
 def payload_type_of(func: Callable[..., Any], declared: Any = None) -> PayloadType | None:
@@ -114,6 +114,15 @@ def _msgspec_message(exc: msgspec.ValidationError) -> str:
     what, path = (match["what"], match["path"]) if match else (str(exc), None)
     what = what.replace("`", "")
     return f"{path or '$'}: {what[:1].lower()}{what[1:]}"
+
+
+def _with_value(message: str, fields: dict[str, str]) -> str:
+    """Flat fields are all strings on the wire, so "got str" says little: quote the value that did not fit."""
+    path = message.split(":", 1)[0]
+    name = path[2:] if path.startswith("$.") else None
+    if name in fields:
+        return f"{message} ({fields[name][:100]!r})"
+    return message
 
 
 def _pydantic_message(exc: Any) -> str:

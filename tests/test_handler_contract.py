@@ -261,7 +261,7 @@ async def test_typed_payload_from_flat_fields_converts_strings(server: EmbeddedS
     await _run_typed(server, rc, uid, app, stream, 2)
     assert seen == [Notification("shop_4821", "analysis_complete", True, 2)]
     [dead] = await _dead(rc, stream)
-    assert dead[b"fw:error"] == b"Notification: $.retries: expected int, got str"
+    assert dead[b"fw:error"] == b"Notification: $.retries: expected int, got str ('two')"
 
 
 async def test_typed_payload_as_typeddict_and_pydantic_model(server: EmbeddedServer, rc: aioredis.Redis,
