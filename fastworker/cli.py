@@ -22,7 +22,7 @@ import math
 import os
 import sys
 import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from fastworker import config, logs
@@ -171,27 +171,30 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(ExitCode.USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def add_settings_flags(parser: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
+def add_settings_flags(parser: argparse.ArgumentParser, names: Sequence[str] | None = None,
+                       defaults: Mapping[str, Any] | None = None) -> None:
     """One flag per Settings field (all, or those named), defaulting to None so that unset flags fall through
-    to the environment and then the field default."""
+    to the environment and then the field default. `defaults`: a command's own defaults, shown in its help."""
     group = parser.add_argument_group("settings (flag > FASTWORKER_<NAME> environment > default)")
     for field in config.fields():
         if names is not None and field.name not in names:
             continue
         metavar = field.name.rsplit("_", 1)[-1].upper() if field.name.endswith(("_ms", "_s")) else field.name.upper()
         group.add_argument(config.flag_name(field.name), dest=f"setting_{field.name}", default=None,
-                           type=_setting_type(field), metavar=metavar, help=_setting_help(field))
+                           type=_setting_type(field), metavar=metavar,
+                           help=_setting_help(field, (defaults or {}).get(field.name, field.default)))
 
 
-def _setting_help(field: Any) -> str:
+def _setting_help(field: Any, default: Any = dataclasses.MISSING) -> str:
     """The field's help in flags (`block_ms` -> `--block-ms`), with its default and unit, and its variable."""
     text = str(field.metadata["help"])
     for other in config.fields():
         if other.name != field.name:
             text = text.replace(other.name, config.flag_name(other.name))
-    if "default" not in text and field.default is not dataclasses.MISSING:
+    default = field.default if default is dataclasses.MISSING else default
+    if "default" not in text and default is not dataclasses.MISSING:
         unit = " ms" if field.name.endswith("_ms") else " s" if field.name.endswith("_s") else ""
-        text += f" (default: {shown(field.default)}{unit})"
+        text += f" (default: {shown(default)}{unit})"
     return f"{text} [{config.env_name(field.name)}]".replace("%", "%%")
 
 

@@ -52,17 +52,19 @@ def register(sub: Any) -> None:
                         help="give up after this many seconds")
     parser.add_argument("--dashboard", action="store_true",
                         help="serve the web dashboard under /dashboard/ on --http-port while the demo runs")
-    add_settings_flags(parser)
+    add_settings_flags(parser, defaults={**DEMO_DEFAULTS, "redis_url": "an embedded server of its own"})
     parser.set_defaults(handler=run, setting_log_level="WARNING")  # the progress line says enough
 
+
+# Short claim idle so that crash recovery and the failing jobs' dead letters happen within the demo.
+DEMO_DEFAULTS = {"claim_idle_ms": 500, "claim_interval_ms": 250, "handler_timeout_s": 0.3, "max_deliveries": 3}
 
 def run(args: argparse.Namespace) -> int:
     if args.jobs < 1 or args.rate < 0 or not 0 <= args.fail_rate <= 1:
         print("fastworker: error: --jobs must be at least 1, --rate >= 0, --fail-rate within 0..1", file=sys.stderr)
         return ExitCode.USAGE
     flags = flag_values(args)
-    # Short claim idle so the failing jobs' retries and dead letters happen within the demo.
-    demo_defaults = {"claim_idle_ms": 500, "claim_interval_ms": 250, "handler_timeout_s": 0.3, "max_deliveries": 3}
+    demo_defaults = DEMO_DEFAULTS
     with contextlib.ExitStack() as stack:
         embedded = "redis_url" not in flags
         if embedded:
