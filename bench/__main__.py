@@ -24,6 +24,7 @@ import orjson
 import redis
 
 from bench.common import fastworker_fleet, median, reset, time_drain, versions
+from bench.faultproxy import ProxyProcess
 from fastworker.server import EmbeddedServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,6 +84,43 @@ def throughput(url: str, n: int, repeat: int, batches: list[int], processes: lis
                              "runs": runs, "worker_rss_mb": rss})
                 print(f"fastworker {label:5} processes={procs} batch={batch:>4}: {median(runs):>9,.0f} msgs/s "
                       f"(runs {', '.join(f'{r:,.0f}' for r in runs)}), worker RSS {rss:.0f} MiB", flush=True)
+    client.close()
+    return rows
+
+
+NETWORK_DELAYS_MS = (0.0, 0.1, 0.5)
+
+
+def network(server_url: str, server_port: int, n: int, repeat: int, processes: list[int], batch: int = 500,
+            delays_ms: tuple[float, ...] = NETWORK_DELAYS_MS, delayed_n: int | None = None) -> list[dict[str, Any]]:
+    """Throughput through the delaying proxy (bench/faultproxy.py): a one-way delay each way on every connection.
+
+    The fleet connects to the proxy; filling and watching the stream go straight to the server. 0 ms is the proxy's
+    own cost. delayed_n (default n) is the entries per run for the delayed rows.
+    """
+    client = redis.Redis.from_url(server_url)
+    rows = []
+    cases = [("no-op", "bench.apps:noop", "bench:jobs", "bench"),
+             ("demo", "fastworker.demo:app", "betterbundle:data-jobs", "data-processors")]
+    with ProxyProcess(server_port, lifetime_s=3 * 3600) as proxy:
+        url = server_url.replace(f":{server_port}/", f":{proxy.port}/")
+        for delay_ms in delays_ms:
+            proxy.set_delay(delay_ms / 1000, delay_ms / 1000)
+            count = n if delay_ms == 0 or delayed_n is None else delayed_n
+            for label, app, stream, group in cases:
+                for procs in processes:
+                    runs = []
+                    for _ in range(repeat):
+                        client.delete("betterbundle:analysis-results")
+                        reset(client, stream, group, count)
+                        seconds, _ = run_fastworker(url, app, stream, group, count, procs, batch)
+                        runs.append(count / seconds)
+                    rows.append({"handler": label, "processes": procs, "batch": batch, "delay_ms": delay_ms,
+                                 "n": count, "msgs_s": median(runs), "runs": runs})
+                    print(f"network {label:5} delay={delay_ms:g} ms processes={procs} batch={batch} n={count:,}: "
+                          f"{median(runs):>9,.0f} msgs/s (runs {', '.join(f'{r:,.0f}' for r in runs)})", flush=True)
+        result_stats = proxy.stats()
+    print(f"proxy: {result_stats['accepted']} connections accepted, {result_stats['refused']} refused", flush=True)
     client.close()
     return rows
 
@@ -197,6 +235,11 @@ def table(result: dict[str, Any]) -> str:
             for procs in counts:
                 if best.get(procs):
                     lines.append(f"| {row['peer']} | {procs} | {best[procs] / row['msgs_s']:.2f}x |")
+    if result.get("network"):
+        lines += ["", "| through the proxy (one-way delay) | processes | batch | msgs/s |", "|---|---|---|---|"]
+        for row in result["network"]:
+            lines.append(f"| fastworker, {row['handler']} handler, {row['delay_ms']:g} ms (n={row['n']:,}) | "
+                         f"{row['processes']} | {row['batch']} | {row['msgs_s']:,.0f} |")
     if result.get("latency"):
         lat = result["latency"]
         lines += ["", f"Latency, XADD to handler start, {lat['rate']:,} msgs/s offered for {lat['seconds']:g} s: "
@@ -212,7 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", default=",".join(str(p) for p in sorted({1, 2, os.cpu_count() or 1})))
     parser.add_argument("--latency-rate", type=int, default=20_000)
     parser.add_argument("--latency-s", type=float, default=30)
-    parser.add_argument("--skip", default="", help="comma-separated: throughput, peers, latency")
+    parser.add_argument("--skip", default="", help="comma-separated: throughput, peers, network, latency")
+    parser.add_argument("--network-n", type=int, default=None,
+                        help="entries per run for the delayed network rows (default: --n)")
     parser.add_argument("--io-threads", type=int, default=1, help="the server's io-threads (more cores: more)")
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -225,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         result["throughput"] = [] if "throughput" in skip else throughput(server.url, args.n, args.repeat, batches,
                                                                            processes)
         result["peers"] = [] if "peers" in skip else peers(server.url, args.n, args.repeat, processes)
+        result["network"] = [] if "network" in skip else network(server.url, server.port, args.n, args.repeat,
+                                                                  processes, delayed_n=args.network_n)
         result["latency"] = None if "latency" in skip else latency(server.url, args.latency_rate, args.latency_s)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(result, indent=2) + "\n")

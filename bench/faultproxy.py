@@ -43,6 +43,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
 CHUNK_BYTES = 64 * 1024
+TIMER_TICK_S = 0.002  # the event loop's timer granularity, with a margin
 QUEUE_CHUNKS = 16  # per direction: at most 1 MiB read ahead of what the other side has taken
 
 
@@ -79,12 +80,24 @@ class _Pump:
                 if self.writer.can_write_eof():
                     self.writer.write_eof()
                 return
-            wait = due - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
+            await _until(due)
             self.writer.write(data)
             setattr(self.stats, self.counter, getattr(self.stats, self.counter) + len(data))
             await self.writer.drain()
+
+
+async def _until(due: float) -> None:
+    """Wait until time.monotonic() reaches `due`, to a few microseconds.
+
+    The event loop's timers tick in whole milliseconds (uvloop rounds a 0.1 ms sleep to none at all, epoll rounds
+    it up to 1 ms), so a sub-millisecond delay would be lost or inflated: sleep whole ticks, then yield to the loop
+    until due (other connections keep moving; this costs CPU only while a chunk is under a tick from due).
+    """
+    wait = due - time.monotonic()
+    if wait > TIMER_TICK_S:
+        await asyncio.sleep(wait - TIMER_TICK_S)
+    while time.monotonic() < due:  # noqa: ASYNC110 -- a deliberate yield-spin, see the docstring
+        await asyncio.sleep(0)
 
 
 class FaultProxy:
