@@ -140,6 +140,27 @@ async def pending_count(client: aioredis.Redis, stream: str, group: str) -> int:
     return int(summary["pending"])
 
 
+class IdleFleet:
+    """A fleet of one idle worker process, as the monitor sees it: for tests of the monitor's own work."""
+
+    restarts_total = 0
+
+    def healthy(self) -> tuple[bool, str]:
+        return True, "ok"
+
+    def problems(self) -> list[str]:
+        return []
+
+    def reports(self) -> list[dict[str, Any]]:
+        return []
+
+    def totals(self) -> dict[tuple[str, str, str], int]:
+        return {}
+
+    def alive_count(self) -> int:
+        return 1
+
+
 SERVER_FIXTURES = {"server", "own_server", "rc", "r"}
 
 

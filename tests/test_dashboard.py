@@ -26,7 +26,7 @@ from fastworker.dashboard.security import Guard, host_name, is_loopback  # noqa:
 from fastworker.dashboard.views import clip, consumer_role, nice_ceiling  # noqa: E402
 from fastworker.monitor import Monitor  # noqa: E402
 from fastworker.ops.inspect import ConsumerInfo, GroupInfo, Snapshot, StreamInfo  # noqa: E402
-from tests.conftest import cli  # noqa: E402
+from tests.conftest import IdleFleet, cli  # noqa: E402
 
 TOKEN = "t0ken-for-the-dashboard-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -278,32 +278,13 @@ async def test_dashboard_malformed_id_is_a_bad_request(board: Board) -> None:
 
 # --- served by a fleet ------------------------------------------------------------------------------------------
 
-class _Fleet:
-    restarts_total = 0
-
-    def healthy(self) -> tuple[bool, str]:
-        return True, "ok"
-
-    def problems(self) -> list[str]:
-        return []
-
-    def reports(self) -> list[dict[str, Any]]:
-        return []
-
-    def totals(self) -> dict[tuple[str, str, str], int]:
-        return {}
-
-    def alive_count(self) -> int:
-        return 1
-
-
 async def test_monitor_serves_a_mounted_dashboard_beside_its_endpoints(server: EmbeddedServer, uid: str,
                                                                        unused_tcp_port: int) -> None:
     from starlette.applications import Starlette
     from starlette.routing import Mount
 
     settings = Settings(redis_url=server.url, http_port=unused_tcp_port, http_host="127.0.0.1")
-    monitor = Monitor(_Fleet(), App(), settings)
+    monitor = Monitor(IdleFleet(), App(), settings)
     await monitor.start()
     dashboard = Dashboard(settings, stream_names=[uid], token=TOKEN, loopback_clients_only=True)
     app = Starlette(routes=[Mount("/dashboard", app=create_app(dashboard))])

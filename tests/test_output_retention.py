@@ -20,7 +20,7 @@ from fastworker.monitor import Monitor
 from fastworker.ops import trim as trim_ops
 from fastworker.ops.trim import Policy, housekeeping_plan, length_cut, nth_entry, safe_trim
 from fastworker.streams import Streams
-from tests.conftest import cli, make_settings
+from tests.conftest import IdleFleet, cli, make_settings
 from tests.test_ops_trim import TrimModel, add, ids_of, read_and_ack
 
 DAY_S = 86400.0
@@ -225,25 +225,6 @@ async def test_length_walk_from_the_oldest_end_stops_where_a_group_needs_entries
 
 
 # ---- the fleet's housekeeping --------------------------------------------------------------------------------
-
-class IdleFleet:
-    restarts_total = 0
-
-    def healthy(self) -> tuple[bool, str]:
-        return True, "ok"
-
-    def problems(self) -> list[str]:
-        return []
-
-    def reports(self) -> list[dict[str, Any]]:
-        return []
-
-    def totals(self) -> dict[tuple[str, str, str], int]:
-        return {}
-
-    def alive_count(self) -> int:
-        return 1
-
 
 async def test_housekeeping_trims_named_output_streams_and_nothing_else(server: EmbeddedServer, r: redis.Redis,
                                                                        uid: str) -> None:
