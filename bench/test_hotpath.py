@@ -17,10 +17,10 @@ import pytest
 from bench.common import payload
 from fastworker.app import App
 from fastworker.dispatch import Dispatcher
+from fastworker.edge.wire import pack
 from fastworker.message import Message, decode_entries
 from fastworker.payloads import PayloadType
 from fastworker.settlement import Settlement
-from fastworker.streams import pack
 
 BATCH = 1000
 STREAM, GROUP = "betterbundle:data-jobs", "data-processors"

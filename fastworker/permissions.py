@@ -27,9 +27,9 @@ import redis.exceptions as rex
 
 from fastworker.app import App
 from fastworker.config import Settings
+from fastworker.edge.errors import translate
 from fastworker.errors import RedisPermissionError
 from fastworker.settlement import retry_key
-from fastworker.streams import translate
 
 logger = logging.getLogger(__name__)
 

@@ -28,9 +28,10 @@ import redis.exceptions as rex
 import uvloop
 
 from fastworker.config import Settings
+from fastworker.edge.errors import translate
 from fastworker.errors import FastworkerError, RedisCommandError
 from fastworker.message import DEFAULT_PAYLOAD_FIELD, FieldValue, text
-from fastworker.streams import Streams, translate
+from fastworker.streams import Streams
 from fastworker.tracing import current_trace_fields
 
 try:  # the bulk reply path reads the connection's hiredis reader directly (see _Replies)

@@ -21,9 +21,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from fastworker.edge.wire import Command
 from fastworker.message import FieldValue, Message
 
-Command = tuple[FieldValue, ...]
 Output = tuple[str, list[FieldValue]]
 
 # A failed entry is parked on this consumer of its group (XCLAIM ... JUSTID: no delivery counted), and its due time

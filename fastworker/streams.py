@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -31,88 +29,16 @@ import redis.exceptions as rex
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from fastworker.config import Settings, redact_url
-from fastworker.errors import (
-    FastworkerError,
-    NoGroupError,
-    RedisAuthError,
-    RedisCommandError,
-    RedisTLSError,
-    RedisUnavailable,
-    SettleRefused,
-)
+from fastworker.config import Settings
+from fastworker.edge.errors import translate, translated
+from fastworker.edge.wire import Command, pack
+from fastworker.errors import FastworkerError, SettleRefused
 from fastworker.message import RawEntry, text
-from fastworker.settlement import RETRY_CONSUMER, TAKE_DUE_SCRIPT, Command, Settlement, retry_key
+from fastworker.settlement import RETRY_CONSUMER, TAKE_DUE_SCRIPT, Settlement, retry_key
 
 logger = logging.getLogger(__name__)
 
 DEAD_FIELD_PREFIX = "fw:"
-
-
-# OpenSSL's verify codes for a certificate issued for another name: host name, e-mail, IP address
-NAME_MISMATCH_CODES = (62, 63, 64)
-
-
-def _cert_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:
-    """The failed certificate check `exc` is, or was raised from (redis-py wraps it in its ConnectionError)."""
-    seen: BaseException | None = exc
-    for _ in range(8):  # chains are short; a bound guards against cycles
-        if seen is None or isinstance(seen, ssl.SSLCertVerificationError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
-def translate(exc: BaseException, url: str = "") -> FastworkerError:
-    """The fastworker error for a redis-py (or socket) error."""
-    where = f" ({redact_url(url)})" if url else ""
-    if isinstance(exc, FastworkerError):
-        return exc
-    if isinstance(exc, rex.AuthenticationError | rex.AuthorizationError | rex.NoPermissionError) or (
-            isinstance(exc, rex.ResponseError) and str(exc).startswith(("NOAUTH", "WRONGPASS", "NOPERM"))):
-        return RedisAuthError(f"the server refused our credentials{where}: {exc}")
-    cert_error = _cert_error(exc)
-    if cert_error is not None:
-        return RedisTLSError.from_verification(cert_error.verify_message or str(cert_error),
-                                               cert_error.verify_code in NAME_MISMATCH_CODES, where)
-    if isinstance(exc, rex.BusyLoadingError | rex.ConnectionError | rex.TimeoutError | OSError):
-        return RedisUnavailable(f"cannot reach the server{where}: {exc}")
-    if isinstance(exc, rex.ResponseError) and str(exc).startswith("NOGROUP"):
-        return NoGroupError(str(exc))
-    return RedisCommandError(f"{type(exc).__name__}: {exc}")
-
-
-@contextmanager
-def translated(url: str = "") -> Iterator[None]:
-    try:
-        yield
-    except (rex.RedisError, OSError) as exc:
-        raise translate(exc, url) from exc
-
-
-_HEADS: dict[int, bytes] = {}  # "\r\n$<length>\r\n" by length: formatting it is most of a packer's work
-
-
-def pack(commands: Sequence[Command]) -> bytes:
-    """Commands in RESP, ready to send: a leaner packer than redis-py's for the hot path (no per-argument encoder
-    lookups, entry ids passed through as the bytes the server sent, argument headers cached by length)."""
-    out: list[bytes] = []
-    append = out.append
-    for command in commands:
-        append(b"\r\n*%d" % len(command))
-        for arg in command:
-            # int and float go as their decimal form, as redis-py sends them
-            data = arg if type(arg) is bytes else (arg if type(arg) is str else str(arg)).encode()
-            size = len(data)
-            head = _HEADS.get(size)
-            if head is None:
-                head = b"\r\n$%d\r\n" % size
-                if size < 4096:  # ids, names and small payloads; big ones are rare and varied
-                    _HEADS[size] = head
-            append(head)
-            append(data)
-    append(b"\r\n")
-    return b"".join(out)[2:]  # each piece leads with the previous one's CRLF
 
 
 def settle_errors(settlement: Settlement, replies: Sequence[Any], url: str) -> None:

@@ -164,8 +164,8 @@ def test_tls_fleet_with_the_ca_from_the_environment_handles_jobs(tls: TLSServer,
 
 @pytest.mark.parametrize(("code", "mismatch"), [(62, True), (64, True), (19, False), (10, False)])
 def test_tls_translate_finds_the_certificate_error_inside_redis_py_wrapping(code: int, mismatch: bool) -> None:
+    from fastworker.edge.errors import translate
     from fastworker.errors import RedisTLSError
-    from fastworker.streams import translate
 
     cert_error = ssl.SSLCertVerificationError(1, "certificate verify failed")
     cert_error.verify_code, cert_error.verify_message = code, "the reason."

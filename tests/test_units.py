@@ -219,7 +219,7 @@ def test_settlement_sends_outputs_too_large_for_the_script_as_a_transaction() ->
 
 
 def test_pack_speaks_resp() -> None:
-    from fastworker.streams import pack
+    from fastworker.edge.wire import pack
 
     assert pack([("XACK", "s", b"g", 7, 1.5)]) == b"*5\r\n$4\r\nXACK\r\n$1\r\ns\r\n$1\r\ng\r\n$1\r\n7\r\n$3\r\n1.5\r\n"
 

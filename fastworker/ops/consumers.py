@@ -13,8 +13,9 @@ import logging
 
 import redis.exceptions as rex
 
+from fastworker.edge.errors import translated
 from fastworker.ops.inspect import ConsumerInfo
-from fastworker.streams import Streams, translated
+from fastworker.streams import Streams
 
 logger = logging.getLogger(__name__)
 

@@ -24,8 +24,9 @@ from typing import Any
 
 import redis.exceptions as rex
 
+from fastworker.edge.errors import translated
 from fastworker.ops.inspect import text
-from fastworker.streams import DEAD_FIELD_PREFIX, Streams, translated
+from fastworker.streams import DEAD_FIELD_PREFIX, Streams
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,9 @@ from typing import Any
 
 import redis.exceptions as rex
 
+from fastworker.edge.errors import translate, translated
 from fastworker.errors import ExitCode, FastworkerError
-from fastworker.streams import Streams, translate, translated
+from fastworker.streams import Streams
 
 logger = logging.getLogger(__name__)
 

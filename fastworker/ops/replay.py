@@ -16,9 +16,10 @@ from typing import Any
 
 import redis.exceptions as rex
 
+from fastworker.edge.errors import translated
 from fastworker.errors import FastworkerError
 from fastworker.ops.inspect import format_id, parse_id, text
-from fastworker.streams import Streams, translated
+from fastworker.streams import Streams
 
 logger = logging.getLogger(__name__)
 

@@ -30,9 +30,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from fastworker.config import Settings
+from fastworker.edge.errors import translated
 from fastworker.errors import FastworkerError
 from fastworker.ops.inspect import format_id, groups_info, min_id, next_id, parse_id, server_time_ms, text
-from fastworker.streams import Streams, translated
+from fastworker.streams import Streams
 
 logger = logging.getLogger(__name__)
 
