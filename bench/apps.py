@@ -39,3 +39,13 @@ noop_dedup = App("noop-dedup")
 @noop_dedup.handler(STREAM, group=GROUP, dedup=Dedup(ttl_s=600))
 async def handle_dedup(msg: Message) -> None:
     return None
+
+
+# One small result per entry: the settle script's cost per result, without the demo's own work.
+RESULTS_STREAM = os.environ.get("BENCH_RESULTS", "bench:results")
+one_result = App("one-result")
+
+
+@one_result.handler(STREAM, group=GROUP)
+async def handle_one_result(msg: Message) -> None:
+    msg.emit(RESULTS_STREAM, fields={"job": msg.id, "status": "done"})

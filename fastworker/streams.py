@@ -34,20 +34,31 @@ from fastworker.edge.errors import translate, translated
 from fastworker.edge.wire import Command, pack
 from fastworker.errors import FastworkerError, SettleRefused
 from fastworker.message import RawEntry, text
-from fastworker.settlement import RETRY_CONSUMER, TAKE_DUE_SCRIPT, Settlement, retry_key
+from fastworker.settlement import (
+    RETRY_CONSUMER,
+    TAKE_DUE_SCRIPT,
+    Settlement,
+    retry_key,
+    script_call,
+    with_text,
+)
 
 logger = logging.getLogger(__name__)
 
 DEAD_FIELD_PREFIX = "fw:"
 
 
-def settle_errors(settlement: Settlement, replies: Sequence[Any], url: str) -> None:
-    """Confirm a settlement's replies; raise SettleRefused if the server refused any of its steps (those steps
-    wrote nothing and stay in the settlement, to be sent again)."""
-    errors = settlement.confirm(replies)
+def raise_refused(settlement: Settlement, errors: Sequence[Exception], url: str) -> None:
+    """Raise SettleRefused if the server refused any of a settlement's steps (those steps wrote nothing and stay in
+    the settlement, to be sent again)."""
     _log_skipped(settlement)
     if errors:
         raise SettleRefused(translate(errors[0], url), len(errors))
+
+
+def _uncached(errors: Sequence[Exception]) -> bool:
+    """Every refusal is a script call the server's script cache did not know (it did nothing)."""
+    return bool(errors) and all(isinstance(error, rex.NoScriptError) for error in errors)
 
 
 def _log_skipped(settlement: Settlement) -> None:
@@ -131,10 +142,14 @@ class Channel:
                     on_settled(settlement)
 
         replies = await self._exchange([*settle, read], confirm)
-        if settlement is not None:
+        if settlement is not None and refused:
+            if _uncached(refused):
+                refused[:] = await self._with_script_text(settlement)
+                if not refused and on_settled is not None:
+                    on_settled(settlement)
+            raise_refused(settlement, refused, self._url)  # if it raises, the entries just read stay pending
+        elif settlement is not None:
             _log_skipped(settlement)
-            if refused:  # the entries just read stay pending
-                raise SettleRefused(translate(refused[0], self._url), len(refused))
         if isinstance(replies[-1], Exception):
             raise translate(replies[-1], self._url)
         return _stream_entries(replies[-1])
@@ -142,7 +157,25 @@ class Channel:
     async def settle(self, settlement: Settlement) -> None:
         """Write a settlement on its own (the last batch before stopping, or a reclaimed batch)."""
         if settlement and not settlement.done:
-            settle_errors(settlement, await self._exchange(settlement.commands()), self._url)
+            errors = settlement.confirm(await self._exchange(settlement.commands()))
+            if _uncached(errors):
+                errors = await self._with_script_text(settlement)
+            raise_refused(settlement, errors, self._url)
+
+    async def _with_script_text(self, settlement: Settlement) -> list[Exception]:
+        """Send the steps refused for an empty script cache again, with their scripts' text; the server's refusals."""
+        settlement.with_script_text()
+        return settlement.confirm(await self._exchange(settlement.commands()))
+
+    async def script(self, command: Command) -> Any:
+        """The reply of a script call (an EVALSHA from `fastworker.settlement.script_call`), sent again with the
+        script's text if the server's script cache did not know it."""
+        reply = (await self._exchange([command]))[0]
+        if isinstance(reply, rex.NoScriptError):
+            reply = (await self._exchange([with_text(command)]))[0]
+        if isinstance(reply, Exception):
+            raise translate(reply, self._url)
+        return reply
 
     async def autoclaim(self, stream: str, group: str, consumer: str, min_idle_ms: int, cursor: str,
                         count: int) -> tuple[str, list[RawEntry], list[str]]:
@@ -168,7 +201,10 @@ class Channel:
         settle = settlement.commands() if settlement else []
         replies = await self._exchange([*settle, ("XCLAIM", stream, group, consumer, min_idle_ms, *ids)])
         if settlement is not None:
-            settle_errors(settlement, replies[:-1], self._url)
+            errors = settlement.confirm(replies[:-1])
+            if _uncached(errors):
+                errors = await self._with_script_text(settlement)
+            raise_refused(settlement, errors, self._url)
         if isinstance(replies[-1], Exception):
             raise translate(replies[-1], self._url)
         return [entry for entry in replies[-1] if entry]
@@ -177,8 +213,8 @@ class Channel:
                        ) -> tuple[list[RawEntry], dict[str, int], list[str], float | None]:
         """Claim up to `count` retries of `stream` that are due into `claimer` (TAKE_DUE_SCRIPT): (entries, their
         delivery counts by id, ids deleted while parked, seconds until the next retry is due or None)."""
-        reply = (await self.roundtrip([("EVAL", TAKE_DUE_SCRIPT, 2, stream, retry_key(stream, group), group,
-                                        RETRY_CONSUMER, claimer, count)]))[0]
+        reply = await self.script(script_call(TAKE_DUE_SCRIPT, [stream, retry_key(stream, group)],
+                                              [group, RETRY_CONSUMER, claimer, count]))
         entries, counts, gone, wait = reply
         deliveries = {text(entry[0]): int(n) for entry, n in zip(entries, counts, strict=True)}
         return entries, deliveries, [text(i) for i in gone], (None if int(wait) < 0 else int(wait) / 1000)

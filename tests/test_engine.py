@@ -8,7 +8,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from fastworker import App, Dedup, EmbeddedServer, Message, Reject
+from fastworker import App, Backoff, Dedup, EmbeddedServer, Message, Reject, Retry
 from fastworker.errors import RedisCommandError
 from fastworker.settlement import Settlement
 from tests.conftest import JOB, RunningWorker, make_settings, pending_count, publish, settle_once, wait_for
@@ -428,3 +428,43 @@ async def test_dedup_records_the_work_of_sync_handlers(server: EmbeddedServer, r
         await wait_for(lambda: _true(worker.stats.total("acked") == 200), what="all acked")
     keys = [f"fw:done:{group}:job_id:job-{i}" for i in range(200)]
     assert all(await rc.mget(keys))
+
+
+async def test_scripts_survive_an_emptied_script_cache(server: EmbeddedServer, rc: aioredis.Redis, uid: str) -> None:
+    # Scripts go by digest (EVALSHA). A server restart or SCRIPT FLUSH empties its script cache: every call
+    # refused with NOSCRIPT did nothing and is sent again with the script's text, so results, retries and acks
+    # all still happen exactly once.
+    stream, group, results = f"{uid}:jobs", f"{uid}-g", f"{uid}:results"
+    n = 3_000
+    await publish(rc, stream, list(range(n)))
+    calls: dict[int, int] = {}
+    app = App()
+
+    @app.handler(stream, group=group, retry=Backoff(first_s=0.01, jitter=0))
+    async def handle(msg: Message) -> None:
+        calls[msg.payload] = calls.get(msg.payload, 0) + 1
+        if msg.payload % 100 == 0 and msg.deliveries == 1:
+            raise Retry("once", delay_s=0.01)  # parked by one script, handed out again by another
+        msg.emit(results, {"job": msg.payload})
+
+    async def noscript_replies() -> int:
+        return int((await rc.info("errorstats")).get("errorstat_NOSCRIPT", {}).get("count", 0))
+
+    async def flush_scripts() -> None:
+        while True:
+            await rc.script_flush()
+            await asyncio.sleep(0.005)
+
+    before = await noscript_replies()
+
+    flusher = asyncio.create_task(flush_scripts())
+    try:
+        async with RunningWorker(app, make_settings(server, uid, batch_size=100)):
+            await wait_for(lambda: _length_is(rc, results, n), what="all results")
+    finally:
+        flusher.cancel()
+    assert await noscript_replies() - before >= 3  # the cache was found empty, again and again
+    assert await rc.xlen(results) == n
+    assert sorted(orjson.loads(fields[b"data"])["job"] for _, fields in await rc.xrange(results)) == list(range(n))
+    assert {job: count for job, count in calls.items() if count != (2 if job % 100 == 0 else 1)} == {}
+    assert await pending_count(rc, stream, group) == 0

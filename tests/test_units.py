@@ -184,7 +184,7 @@ def _mixed_settlement() -> Settlement:
 
 def test_settlement_counts_only_what_the_server_confirmed() -> None:
     settlement = _mixed_settlement()
-    assert [command[0] for command in settlement.commands()] == ["XACK", "XACK", "EVAL", "EVAL"]
+    assert [command[0] for command in settlement.commands()] == ["XACK", "XACK", "EVALSHA", "EVALSHA"]
     assert settlement.acked_by_stream == {}  # nothing is counted before the replies
     # the plain ack of 2-0 found it already acked (0); the script settled 1-0 but 3-0 was settled elsewhere first
     assert settlement.confirm([0, 0, 1, [1, 0]]) == []
@@ -202,10 +202,40 @@ def test_settlement_sends_again_only_the_steps_the_server_refused() -> None:
     refused = Exception("NOPERM this user may not XADD to out")
     assert settlement.confirm([1, 0, 1, refused]) == [refused]
     assert not settlement.done
-    assert [command[0] for command in settlement.commands()] == ["EVAL"]
+    assert [command[0] for command in settlement.commands()] == ["EVALSHA"]
     assert settlement.confirm([[1, 1]]) == []
     assert settlement.done
     assert settlement.acked_by_stream == {"s": 2} and settlement.dead_by_stream == {"s": 1}
+
+
+def test_settlement_flags_map_to_entries_sent_in_runs_of_one_shape() -> None:
+    # Entries of two output shapes, interleaved: the script gets them in runs (A, A, B), and its flags, in that order,
+    # are counted for the right entries.
+    settlement = Settlement("g")
+    messages = []
+    for number, shape in enumerate("ABA", start=1):
+        message = Message("s", f"{number}-0", [b"k", b"v"], None, 1)
+        message.emit("out-a" if shape == "A" else "out-b", fields={"n": str(number)})
+        messages.append(message)
+    settlement.ack_all("s", messages)
+    (call,) = settlement.commands()
+    args = [a.decode() if isinstance(a, bytes) else str(a) for a in call]
+    assert args[3:5] == ["s", "out-a"] and args[5] == "out-b"  # sources first, then outputs
+    assert args[6:] == ["g", "1", "s", "2", "1", "out-a", "2", "1-0", "n", "1", "3-0", "n", "3",
+                        "s", "1", "1", "out-b", "2", "2-0", "n", "2"]
+    assert settlement.confirm([[1, 1, 0]]) == []  # 1-0 and 3-0 settled here, 2-0 elsewhere first
+    assert settlement.acked_by_stream == {"s": 2} and settlement.skipped == 1
+
+
+def test_settlement_sends_script_text_after_noscript() -> None:
+    settlement = _mixed_settlement()
+    settlement.commands()
+    uncached = Exception("NOSCRIPT No matching script")
+    assert settlement.confirm([1, 0, uncached, uncached]) == [uncached, uncached]
+    settlement.with_script_text()
+    commands = settlement.commands()
+    assert [command[0] for command in commands] == ["EVAL", "EVAL"]
+    assert all("redis.call" in str(command[1]) for command in commands)
 
 
 def test_settlement_sends_outputs_too_large_for_the_script_as_a_transaction() -> None:
