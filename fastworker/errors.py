@@ -135,3 +135,18 @@ class CrashLoop(FastworkerError):
     """Worker processes keep dying: leave it to systemd or Kubernetes to decide what comes next."""
 
     exit_code = ExitCode.CRASH_LOOP
+
+
+class PartitionMismatch(ConfigError):
+    """The partition count configured for a logical stream differs from the count recorded on the server for it:
+    producers and consumers would disagree on which keys hold its entries. A logical stream's count is fixed once
+    recorded; configure the recorded one (`recorded`), or move the stream's entries to a new logical stream."""
+
+    def __init__(self, stream: str, configured: int, recorded: int, record_key: str) -> None:
+        super().__init__(f"stream {stream!r} is configured with {configured} partition(s), but the server records "
+                         f"{recorded} (key {record_key!r}): a logical stream keeps its partition count, configure "
+                         f"{recorded}")
+        self.stream = stream
+        self.configured = configured
+        self.recorded = recorded
+        self.record_key = record_key
