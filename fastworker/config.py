@@ -50,6 +50,8 @@ class Settings:
     redis_url: str = _field("redis://localhost:6379/0", help="server URL: redis://, rediss:// (TLS) or unix://")
     batch_size: int = _field(500, help="entries per XREADGROUP (COUNT) and per settle pipeline")
     block_ms: int = _field(2000, help="how long one XREADGROUP waits for new entries (BLOCK)")
+    read_ahead: int = _field(1, help="batches each consumer reads while it handles one, when the stream has a "
+                                    "backlog: hides the round trip to the server (0: read after each batch)")
     claim_idle_ms: int = _field(60_000, help="entries pending this long with no verdict (their worker died or hung) "
                                 "are claimed from any consumer")
     claim_interval_ms: int = _field(5_000, help="how often the reclaimer looks for idle pending entries")
@@ -125,13 +127,14 @@ def _problems(s: Settings) -> list[str]:
 
 
 # The range of each numeric setting on its own: checked when a flag is parsed, and again in Settings.
-AT_LEAST = {"batch_size": 1, "block_ms": 1, "claim_idle_ms": 1, "claim_interval_ms": 1, "max_deliveries": 1,
-            "concurrency": 1, "processes": 1, "consumers": 0, "crash_loop_restarts": 1, "gc_threshold": 0,
+AT_LEAST = {"batch_size": 1, "block_ms": 1, "read_ahead": 0, "claim_idle_ms": 1, "claim_interval_ms": 1,
+            "max_deliveries": 1, "concurrency": 1, "processes": 1, "consumers": 0, "crash_loop_restarts": 1,
+            "gc_threshold": 0,
             "http_port": 0, "trim_interval_s": 0, "trim_retain_s": 0, "dead_consumer_idle_s": 0,
             "output_max_age_s": 0, "output_max_len": 0, "retry_first_s": 0, "retry_factor": 1, "retry_max_s": 0,
             "retry_jitter": 0}
 POSITIVE = ("handler_timeout_s", "shutdown_grace_s", "socket_timeout_s", "crash_loop_window_s", "sample_interval_s")
-AT_MOST = {"http_port": 65535, "retry_max_s": 86_400, "retry_jitter": 0.99}
+AT_MOST = {"read_ahead": 8, "http_port": 65535, "retry_max_s": 86_400, "retry_jitter": 0.99}
 CHOICES = {"log_level": ("DEBUG", "INFO", "WARNING", "ERROR"), "log_format": ("text", "json"),
            "group_start_id": ("0", "$"), "tracing": ("auto", "on", "off")}
 
