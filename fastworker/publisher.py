@@ -8,8 +8,8 @@ so memory stays flat however many payloads a generator yields, and entries land 
 Invariant: a bulk publish publishes a prefix. When a payload cannot be serialised, or the payload iterator raises,
 every payload before it is published and confirmed and none after it; the error says how many were published. A
 server or connection error stops the publish too and says how many entries were confirmed before it, and how many
-were sent without a reply (a timed-out XADD may still have been applied). Redis errors are translated by
-`fastworker.streams`; a key of another type gives `StreamTypeError`.
+were sent without a reply (a timed-out XADD may still have been applied). Redis errors are translated at the I/O
+edge (`fastworker.edge`); a key of another type gives `StreamTypeError`.
 """
 
 from __future__ import annotations
@@ -17,29 +17,23 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-import hiredis
 import orjson
-import redis.exceptions as rex
 import uvloop
 
 from fastworker.config import Settings
-from fastworker.edge.errors import translate
+from fastworker.edge.admin import Admin
+from fastworker.edge.errors import is_wrong_type, translate
+from fastworker.edge.link import Link
+from fastworker.edge.wire import argument, head, pack
 from fastworker.errors import FastworkerError, RedisCommandError
 from fastworker.message import DEFAULT_PAYLOAD_FIELD, FieldValue, text
 from fastworker.streams import Streams
 from fastworker.tracing import current_trace_fields
-
-try:  # the bulk reply path reads the connection's hiredis reader directly (see _Replies)
-    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH_DATA
-except ImportError:  # pragma: no cover - another redis-py layout: replies are read one by one
-    _NOT_ENOUGH_DATA = None
-# RESP3 pushes are not replies to our commands; hiredis before 3.2 has no such type (and sends none)
-_PUSH: tuple[type, ...] = tuple(kind for kind in (getattr(hiredis, "PushNotification", None),) if kind)
 
 logger = logging.getLogger(__name__)
 
@@ -95,10 +89,6 @@ def _value(value: FieldValue | str) -> bytes:
     raise TypeError(f"field values must be str, bytes, int or float, not {type(value).__name__}")
 
 
-def _bulk(value: bytes) -> bytes:
-    return b"$%d\r\n%s\r\n" % (len(value), value)
-
-
 def _flat(fields: Fields | None) -> list[bytes]:
     flat: list[bytes] = []
     for name, value in (fields or {}).items():
@@ -123,14 +113,16 @@ def trim_args(maxlen: int | None, minid: str | None, approximate: bool) -> list[
 class _Encoder:
     """Builds one chunk of XADD commands as RESP bytes.
 
-    Written by hand: redis-py's pack_command costs about 1.5 us per entry, a third of the client's time when
-    publishing. Each entry is encoded completely before it is added, so a bad payload never leaves half an entry.
+    With the edge's packer, not redis-py's pack_command (about 1.5 us per entry, a third of the client's time when
+    publishing): what every entry shares is packed once per call, so a JSON payload costs one `argument`. Each entry
+    is encoded completely before it is added, so a bad payload never leaves half an entry.
     """
 
     def __init__(self, stream: str, fields: Fields | None, trim: list[bytes], max_count: int, max_bytes: int) -> None:
         self._head = [b"XADD", stream.encode(), *trim, b"*"]
         self._common = _flat(fields) + current_trace_fields()  # the caller's span, once per call: not per entry
-        self._json_prefix = self._prefix([DEFAULT_PAYLOAD_FIELD.encode()], more=1)  # the JSON value follows
+        # every JSON payload's command, but for the JSON value that follows
+        self._json_prefix = head([*self._head, *self._common, DEFAULT_PAYLOAD_FIELD.encode()], more=1)
         self._max_count = max_count
         self._max_bytes = max_bytes
         self._parts: list[bytes] = []
@@ -138,24 +130,21 @@ class _Encoder:
         self.size = 0
         self.index = 0  # position of the next payload among all of them
 
-    def _prefix(self, extra: list[bytes], more: int = 0) -> bytes:
-        args = [*self._head, *self._common, *extra]
-        return b"*%d\r\n" % (len(args) + more) + b"".join(map(_bulk, args))
-
     def add(self, item: Any) -> bool:
         """Add one payload (a JSON document or an Entry); True when the chunk is full."""
         try:
             if type(item) is Entry:
-                parts = [self._entry(item)]
+                command = self._entry(item)
+                self._parts.append(command)
+                self.size += len(command)
             else:
                 data = orjson.dumps(item)
-                parts = [self._json_prefix, b"$%d\r\n" % len(data), data, b"\r\n"]
+                self._parts += (self._json_prefix, argument(data))
+                self.size += len(data)
         except (TypeError, ValueError) as exc:  # orjson.JSONEncodeError is a TypeError
             raise PayloadError(self.index, str(exc)) from exc
-        self._parts += parts
         self.index += 1
         self.count += 1
-        self.size += len(parts[-2]) if len(parts) > 1 else len(parts[0])
         return self.count >= self._max_count or self.size >= self._max_bytes
 
     def _entry(self, entry: Entry) -> bytes:
@@ -164,7 +153,7 @@ class _Encoder:
             extra += [DEFAULT_PAYLOAD_FIELD.encode(), orjson.dumps(entry.payload)]
         if not extra and not self._common:
             raise ValueError("an entry needs a payload or at least one field")
-        return self._prefix(extra)
+        return pack([(*self._head, *self._common, *extra)])
 
     def fill(self, iterator: Iterator[Any]) -> bool:
         """Add payloads until the chunk is full (True) or the iterator is exhausted (False)."""
@@ -178,50 +167,8 @@ class _Encoder:
         return chunk, count
 
 
-class _Replies:
-    """Reads a known number of replies off a connection.
-
-    The fast path takes them straight from the connection's hiredis reader: redis-py's read_response costs about
-    3 us per reply (a timeout context and several awaits), which would triple the cost of a publish. When the
-    parser is not the one expected (another redis-py version, no hiredis), replies are read one by one.
-    """
-
-    def __init__(self, conn: Any) -> None:
-        self._conn = conn
-        parser = getattr(conn, "_parser", None)
-        self._reader = getattr(parser, "_reader", None)
-        self._fill: Callable[[], Awaitable[Any]] | None = getattr(parser, "read_from_socket", None)
-        self.fast = bool(_NOT_ENOUGH_DATA is not None and hasattr(self._reader, "gets") and self._fill)
-        self._timeout_s: float | None = getattr(conn, "socket_timeout", None)
-
-    async def read(self, count: int) -> list[Any]:
-        """`count` replies in order; server errors are returned as exception values."""
-        if not self.fast:
-            return await self._read_each(count)
-        assert self._reader is not None and self._fill is not None
-        replies: list[Any] = []
-        gets = self._reader.gets
-        while len(replies) < count:
-            reply = gets()
-            if reply is _NOT_ENOUGH_DATA:
-                async with asyncio.timeout(self._timeout_s):
-                    await self._fill()
-            elif not isinstance(reply, _PUSH):  # a RESP3 push is not a reply to us
-                replies.append(reply)
-        return replies
-
-    async def _read_each(self, count: int) -> list[Any]:
-        replies: list[Any] = []
-        for _ in range(count):
-            try:
-                replies.append(await self._conn.read_response())
-            except rex.ResponseError as exc:
-                replies.append(exc)
-        return replies
-
-
 class _Sender:
-    """Writes chunks on one dedicated connection, keeping at most `depth` of them unconfirmed."""
+    """Writes chunks on one dedicated connection (a Link), keeping at most `depth` of them unconfirmed."""
 
     def __init__(self, streams: Streams, stream: str, depth: int, on_ids: IdsCallback | None,
                  on_progress: ProgressCallback | None) -> None:
@@ -230,23 +177,13 @@ class _Sender:
         self._depth = depth
         self._on_ids = on_ids
         self._on_progress = on_progress
-        self._conn: Any = None
-        self._replies: _Replies | None = None
+        self._link = Link(streams)
         self._unconfirmed: deque[int] = deque()
         self.confirmed = 0
         self.usable = True
 
     async def __aenter__(self) -> _Sender:
-        pool = self._streams.redis.connection_pool
-        try:
-            self._conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-            if not self._conn.is_connected:
-                await self._conn.connect()
-        except (rex.RedisError, OSError) as exc:
-            if self._conn is not None:
-                await pool.release(self._conn)
-            raise translate(exc, self._streams.url) from exc
-        self._replies = _Replies(self._conn)
+        await self._link.open()
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -256,17 +193,15 @@ class _Sender:
             if self.usable and (exc_type is None or issubclass(exc_type, Exception)):
                 await self.drain()
         finally:
-            if self._unconfirmed or not self.usable:
-                # Replies still due on this connection would be read by its next user: drop it instead.
-                await self._conn.disconnect(nowait=True)
-            await self._streams.redis.connection_pool.release(self._conn)
+            # Replies still due on this connection would be read by its next user: drop it instead.
+            await self._link.aclose(discard=bool(self._unconfirmed) or not self.usable)
 
     async def send(self, chunk: bytes, count: int) -> None:
         if not count:
             return
         try:
-            await self._conn.send_packed_command(chunk, check_health=False)
-        except (rex.RedisError, OSError) as exc:
+            await self._link.send(chunk)
+        except FastworkerError as exc:
             self._unconfirmed.append(count)  # part of it may have reached the server
             raise self._failed(exc) from exc
         self._unconfirmed.append(count)
@@ -278,10 +213,9 @@ class _Sender:
             await self._confirm()
 
     async def _confirm(self) -> None:
-        assert self._replies is not None
         try:
-            replies = await self._replies.read(self._unconfirmed[0])
-        except (rex.RedisError, OSError) as exc:
+            replies = await self._link.replies(self._unconfirmed[0])
+        except FastworkerError as exc:
             raise self._failed(exc) from exc
         self._unconfirmed.popleft()
         ids = [reply for reply in replies if type(reply) is bytes]
@@ -299,13 +233,13 @@ class _Sender:
         self.usable = False
         while self._unconfirmed:
             try:
-                replies = await self._replies.read(self._unconfirmed[0])  # type: ignore[union-attr]
-            except (rex.RedisError, OSError):
+                replies = await self._link.replies(self._unconfirmed[0])
+            except FastworkerError:
                 break
             self._unconfirmed.popleft()
             self.confirmed += sum(type(reply) is bytes for reply in replies)
         if not isinstance(error, Exception):
-            error = rex.ResponseError(f"unexpected reply to XADD: {error!r}")
+            error = RedisCommandError(f"unexpected reply to XADD: {error!r}")
         raise await explain(self._streams, self._stream, error, self.confirmed)
 
     def _failed(self, exc: BaseException) -> FastworkerError:
@@ -319,10 +253,10 @@ class _Sender:
 async def explain(streams: Streams, stream: str, exc: BaseException, confirmed: int | None = None) -> FastworkerError:
     """The fastworker error for a failed command on `stream`: WRONGTYPE names the type the key holds instead."""
     done = f"; {confirmed} entries were published before it" if confirmed is not None else ""
-    if isinstance(exc, rex.ResponseError | RedisCommandError) and "WRONGTYPE" in str(exc):
+    if is_wrong_type(exc):
         try:
-            kind = text(await streams.redis.type(stream))
-        except (rex.RedisError, OSError):
+            kind = await Admin(streams).key_type(stream)
+        except FastworkerError:
             kind = "value of another type"
         return StreamTypeError(f"key {stream!r} holds a {kind}, not a stream (WRONGTYPE): use another stream "
                                f"name or delete the key{done}")
@@ -350,6 +284,7 @@ class Publisher:
         else:
             settings = target if isinstance(target, Settings) else Settings(redis_url=target)
             self.streams, self._owned = Streams(settings), True
+        self._admin = Admin(self.streams)
         self.chunk_size = chunk_size
         self.chunk_bytes = chunk_bytes
         self.in_flight = in_flight
@@ -379,9 +314,8 @@ class Publisher:
         if not flat:
             raise ValueError("publish() needs a payload or at least one field")
         try:
-            reply = await self.streams.redis.execute_command(  # type: ignore[no-untyped-call]
-                "XADD", stream, *trim_args(maxlen, minid, approximate), "*", *flat)
-        except (rex.RedisError, OSError) as exc:
+            reply = await self._admin.command("XADD", stream, *trim_args(maxlen, minid, approximate), "*", *flat)
+        except FastworkerError as exc:
             raise await explain(self.streams, stream, exc) from exc
         return text(reply)
 

@@ -12,7 +12,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from fastworker import EmbeddedServer, RedisUnavailable
-from fastworker.publisher import Entry, PayloadError, Publisher, StreamTypeError, SyncPublisher, _Replies
+from fastworker.edge.link import Link
+from fastworker.publisher import Entry, PayloadError, Publisher, StreamTypeError, SyncPublisher
 from fastworker.server import free_port
 from tests.conftest import JOB, wait_for
 
@@ -212,17 +213,13 @@ async def test_publish_rejects_both_maxlen_and_minid(publisher: Publisher, uid: 
 
 
 async def test_publisher_reads_replies_through_hiredis(publisher: Publisher) -> None:
-    pool = publisher.streams.redis.connection_pool
-    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-    try:
-        assert _Replies(conn).fast, "the bulk reply path fell back to one read_response per reply"
-    finally:
-        await pool.release(conn)
+    async with Link(publisher.streams) as link:
+        assert link.fast, "the bulk reply path fell back to one read_response per reply"
 
 
 async def test_publish_many_without_the_fast_reply_path_publishes_everything(
         publisher: Publisher, rc: aioredis.Redis, uid: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("fastworker.publisher._NOT_ENOUGH_DATA", None)
+    monkeypatch.setattr("fastworker.edge.link._byte_stream", lambda conn: None)
     ids = await publisher.publish_many(uid, ({"i": i} for i in range(2_100)))
     assert len(ids) == 2_100 and await rc.xlen(uid) == 2_100
 

@@ -1,4 +1,10 @@
-"""Error translation: redis-py's and the socket's errors become fastworker's, here and nowhere else."""
+"""Error translation: redis-py's and the socket's errors become fastworker's, here and nowhere else.
+
+Also the one place that reads the server's error text: `reply_error` turns an error reply into the redis-py
+exception redis-py's own parser would give (so `translate` and every message read the same, whichever reader took
+the reply), and the predicates below say what an error reply means, for callers that treat some as an answer
+(a key or group that does not exist, a permission the user lacks, a key of another type).
+"""
 
 from __future__ import annotations
 
@@ -46,14 +52,60 @@ def translate(exc: BaseException, url: str = "") -> FastworkerError:
                                                cert_error.verify_code in NAME_MISMATCH_CODES, where)
     if isinstance(exc, rex.BusyLoadingError | rex.ConnectionError | rex.TimeoutError | OSError):
         return RedisUnavailable(f"cannot reach the server{where}: {exc}")
-    if isinstance(exc, rex.ResponseError) and str(exc).startswith("NOGROUP"):
+    if is_no_group(exc):
         return NoGroupError(str(exc))
     return RedisCommandError(f"{type(exc).__name__}: {exc}")
 
 
 @contextmanager
 def translated(url: str = "") -> Iterator[None]:
+    """Raise what `translate` makes of a redis-py or socket error raised inside the block (`url`: shown redacted)."""
     try:
         yield
     except (rex.RedisError, OSError) as exc:
         raise translate(exc, url) from exc
+
+
+# The error codes redis-py's parser gives a class of their own, with the code cut off the message as it does.
+_CODES: dict[str, type[rex.RedisError]] = {
+    "OOM": rex.OutOfMemoryError, "WRONGPASS": rex.AuthenticationError, "EXECABORT": rex.ExecAbortError,
+    "LOADING": rex.BusyLoadingError, "NOSCRIPT": rex.NoScriptError, "READONLY": rex.ReadOnlyError,
+    "NOAUTH": rex.AuthenticationError, "NOPERM": rex.NoPermissionError, "ASK": rex.AskError,
+    "TRYAGAIN": rex.TryAgainError, "MOVED": rex.MovedError, "CLUSTERDOWN": rex.ClusterDownError,
+    "CROSSSLOT": rex.ClusterCrossSlotError, "MASTERDOWN": rex.MasterDownError,
+}
+_MAX_CLIENTS = "max number of clients reached"  # an ERR reply redis-py reads as a connection error
+
+
+def reply_error(message: str) -> rex.RedisError:
+    """The redis-py exception for a server error reply (`message` without the leading `-`), as redis-py's parser
+    builds it: `NOPERM this user...` gives NoPermissionError('this user...'), an unknown code a ResponseError with
+    the whole text. Used as hiredis' `replyError`: the exception is returned as the reply's value, never raised."""
+    code, _, rest = message.partition(" ")
+    if code in _CODES:
+        return _CODES[code](rest, status_code=code)
+    if code == "ERR" and rest == _MAX_CLIENTS:
+        return rex.ConnectionError(rest, status_code=code)
+    return rex.ResponseError(message)
+
+
+def is_missing_key(exc: BaseException) -> bool:
+    """Whether `exc` is the server saying the key does not exist (XINFO on a missing stream: `no such key`)."""
+    return isinstance(exc, rex.ResponseError) and "no such key" in str(exc).lower()
+
+
+def is_no_group(exc: BaseException) -> bool:
+    """Whether `exc` is the server's NOGROUP: the stream or its consumer group does not exist."""
+    return isinstance(exc, NoGroupError) or (isinstance(exc, rex.ResponseError) and str(exc).startswith("NOGROUP"))
+
+
+def is_no_permission(exc: BaseException) -> bool:
+    """Whether `exc` is the server's NOPERM: the ACL denies this user the command or one of its keys (from redis-py's
+    parser or `reply_error` it is a NoPermissionError; a script's `error_reply` may carry the code in its text)."""
+    return isinstance(exc, rex.NoPermissionError) or (
+        isinstance(exc, rex.ResponseError) and str(exc).startswith("NOPERM"))
+
+
+def is_wrong_type(exc: BaseException) -> bool:
+    """Whether `exc` (redis-py's, or already translated) is the server's WRONGTYPE: the key holds another type."""
+    return isinstance(exc, rex.ResponseError | RedisCommandError) and "WRONGTYPE" in str(exc)
