@@ -22,14 +22,14 @@ import dataclasses
 import logging
 from typing import Any
 
-import redis.asyncio as aioredis
-import redis.exceptions as rex
-
 from fastworker.app import App
 from fastworker.config import Settings
-from fastworker.edge.errors import translate
+from fastworker.edge.admin import Admin
+from fastworker.edge.errors import is_no_permission
+from fastworker.edge.link import Link
 from fastworker.errors import RedisPermissionError
 from fastworker.settlement import retry_key
+from fastworker.streams import Streams
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +76,10 @@ class Need:
         return "+" + self.command.lower().replace(" ", "|")
 
 
-async def check_permissions(redis: aioredis.Redis, app: App, settings: Settings, *, monitor: bool = True) -> None:
+async def check_permissions(streams: Streams, app: App, settings: Settings, *, monitor: bool = True) -> None:
     """Raise RedisPermissionError (a RedisAuthError: exit 6) naming every command (and key) the server's ACL denies
-    this connection's user, of those the app's workers need, and with `monitor` those the supervisor's housekeeping
-    needs with these settings.
+    the user of `streams`' connections, of those the app's workers need, and with `monitor` those the supervisor's
+    housekeeping needs with these settings.
 
     One round trip; no side effect. RedisUnavailable (and the like) when the server cannot be asked.
     """
@@ -89,7 +89,9 @@ async def check_permissions(redis: aioredis.Redis, app: App, settings: Settings,
     check: list[str | int] = ["EVAL", CHECK_SCRIPT, 0]
     for need in scripted:
         check += [len(need.argv), *need.argv]
-    replies = await _exchange(redis, [need.argv for need in direct] + [tuple(check)], settings.redis_url)
+    # Raw replies, errors as values: a probe's reply is never the shape its command usually has.
+    async with Link(streams) as link:
+        replies = await link.exchange([need.argv for need in direct] + [tuple(check)])
     denied = [need for need, reply in zip(direct, replies, strict=False) if _refused(reply)]
     unchecked = _refused(replies[-1])
     if unchecked:
@@ -99,8 +101,7 @@ async def check_permissions(redis: aioredis.Redis, app: App, settings: Settings,
     else:
         logger.debug("permission check script failed, its commands are not checked: %s", replies[-1])
     if denied:
-        user = redis.connection_pool.connection_kwargs.get("username") or "default"
-        raise RedisPermissionError(_line(user, needs, denied, unchecked))
+        raise RedisPermissionError(_line(Admin(streams).user, needs, denied, unchecked))
     logger.debug("permissions checked: %d commands allowed", len(needs))
 
 
@@ -198,33 +199,8 @@ def _housekeeping_needs(app: App, settings: Settings) -> list[Need]:
     return needs
 
 
-async def _exchange(redis: aioredis.Redis, commands: list[tuple[str | int, ...]], url: str) -> list[Any]:
-    """Send `commands` in one write on a connection of the pool and read their raw replies (errors as values):
-    redis-py's reply parsing is skipped, since a probe's reply is never the shape its command usually has."""
-    pool = redis.connection_pool
-    try:
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-    except (rex.RedisError, OSError) as exc:
-        raise translate(exc, url) from exc
-    try:
-        await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-        replies: list[Any] = []
-        for _ in commands:
-            try:
-                replies.append(await conn.read_response())
-            except rex.ResponseError as exc:
-                replies.append(exc)
-        return replies
-    except (rex.RedisError, OSError) as exc:
-        await conn.disconnect(nowait=True)
-        raise translate(exc, url) from exc
-    finally:
-        await pool.release(conn)
-
-
 def _refused(reply: Any) -> bool:
-    return isinstance(reply, rex.NoPermissionError) or (
-        isinstance(reply, rex.ResponseError) and str(reply).startswith("NOPERM"))
+    return isinstance(reply, Exception) and is_no_permission(reply)
 
 
 def _line(user: str, needs: list[Need], denied: list[Need], unchecked: bool) -> str:

@@ -421,7 +421,7 @@ async def preflight(app: App, settings: Settings) -> None:
     streams = Streams(settings)
     try:
         await streams.ping()
-        await check_permissions(streams.redis, app, settings)  # RedisAuthError naming what the ACL denies
+        await check_permissions(streams, app, settings)  # RedisAuthError naming what the ACL denies
         pairs = [(handler.stream, handler.group) for handler in app.handlers]
         for stream, group in await streams.ensure_groups(pairs, settings.group_start_id):
             logger.info("created group %s on stream %s at id %s", group, stream, settings.group_start_id)

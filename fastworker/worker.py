@@ -93,7 +93,7 @@ class Worker:
 
     async def _start(self, streams: Streams, dispatcher: Dispatcher) -> None:
         await streams.ping()
-        await check_permissions(streams.redis, self.app, self.settings, monitor=False)
+        await check_permissions(streams, self.app, self.settings, monitor=False)
         groups = self.app.groups()
         pairs = [(stream, group) for group, handlers in groups.items() for stream in handlers]
         created = await streams.ensure_groups(pairs, self.settings.group_start_id)

@@ -144,10 +144,10 @@ async def test_permissions_check_changes_nothing_on_the_server(server: EmbeddedS
         streams = Streams(everything_settings(url))
         try:
             if user is None:
-                await check_permissions(streams.redis, app, everything_settings(url))
+                await check_permissions(streams, app, everything_settings(url))
             else:
                 with pytest.raises(RedisAuthError):
-                    await check_permissions(streams.redis, app, everything_settings(url))
+                    await check_permissions(streams, app, everything_settings(url))
         finally:
             await streams.aclose()
     after = snapshot(r, uid)

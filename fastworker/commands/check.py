@@ -19,6 +19,7 @@ from fastworker.app import App, load_app
 from fastworker.cli import add_settings_flags, settings_from_args
 from fastworker.commands.status import run_with_streams
 from fastworker.config import Settings
+from fastworker.edge.admin import Admin
 from fastworker.errors import ExitCode
 from fastworker.logs import plural
 from fastworker.ops.inspect import check_health, groups_info, text
@@ -75,9 +76,8 @@ async def _server(streams: Streams, app: App, settings: Settings) -> None:
     health = await check_health(streams)
     print(f"server       {health.server} {health.version} at {settings.redacted_url()}, PING "
           f"{health.latency_ms:.2f} ms", flush=True)
-    await check_permissions(streams.redis, app, settings)
-    user = streams.redis.connection_pool.connection_kwargs.get("username") or "default"
-    print(f"permissions  user {user!r} may run every command the fleet needs with these settings")
+    await check_permissions(streams, app, settings)
+    print(f"permissions  user {Admin(streams).user!r} may run every command the fleet needs with these settings")
     print("handlers")
     for handler in app.handlers:
         kind = "batch" if handler.batch else ("async" if handler.is_async else "sync")
