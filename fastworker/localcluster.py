@@ -41,8 +41,8 @@ class ClusterError(ServerError):
 
 
 class ClusterUnsupported(ClusterError):
-    """The server binary cannot run a cluster as this launcher does (no cluster mode, or older than Redis 7.0:
-    `CLUSTER ADDSLOTSRANGE` is missing). Tests skip on it."""
+    """The server binary cannot build a cluster as this launcher does: it is older than Redis 7.0 and has no
+    `CLUSTER ADDSLOTSRANGE`. Tests skip on it."""
 
 
 def ephemeral_port_floor() -> int:
@@ -333,15 +333,9 @@ class LocalCluster:
             except ServerError as exc:
                 server.stop()
                 if attempt == attempts - 1:
-                    raise self._start_failure(server, exc) from exc
+                    raise ClusterError(f"cluster node on port {port} did not start: {exc}") from exc
                 taken |= {port, port + BUS_PORT_OFFSET}
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
-
-    def _start_failure(self, server: EmbeddedServer, exc: ServerError) -> ClusterError:
-        text = str(exc)
-        if "cluster" in text.lower() and any(word in text.lower() for word in ("bad directive", "unknown", "not")):
-            return ClusterUnsupported(f"{self.binary} cannot run in cluster mode: {text}")
-        return ClusterError(f"cluster node on port {server.port} did not start: {text}")
 
     def _assign_slots(self) -> None:
         for node, (first, last) in zip(self.masters, even_slot_ranges(self.masters_count), strict=True):
