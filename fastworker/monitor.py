@@ -142,11 +142,10 @@ class Monitor:
         wanted = {(handler.stream, handler.group) for handler in self.app.handlers}
         for stream in self.app.streams():
             for group in await groups_info(self._streams, stream) or []:
-                if (stream, _text(group.get("name"))) not in wanted:
+                if (stream, group.name) not in wanted:
                     continue
-                pending += int(group.get("pending") or 0)
-                group_lag = group.get("lag")
-                lag = None if lag is None or group_lag is None else lag + int(group_lag)
+                pending += group.pending
+                lag = None if lag is None or group.lag is None else lag + group.lag
         return lag, pending
 
     async def _sample(self) -> None:
@@ -228,10 +227,6 @@ class Monitor:
             not_ready = self.ready_reason or (problems[0] if problems else None)
             return (503, "text/plain", f"{not_ready}\n".encode()) if not_ready else (200, "text/plain", b"ok\n")
         return 404, "text/plain", b"not found: try /healthz, /readyz, /metrics or /inspect\n"
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 _REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",

@@ -22,7 +22,7 @@ from fastworker.config import Settings
 from fastworker.edge.admin import Admin
 from fastworker.errors import ExitCode
 from fastworker.logs import plural
-from fastworker.ops.inspect import check_health, groups_info, text
+from fastworker.ops.inspect import check_health, groups_info
 from fastworker.permissions import check_permissions
 from fastworker.streams import Streams
 
@@ -87,9 +87,8 @@ async def _server(streams: Streams, app: App, settings: Settings) -> None:
 
 async def _group_state(streams: Streams, stream: str, group: str, start_id: str) -> str:
     groups = await groups_info(streams, stream)
-    found = next((g for g in groups or [] if text(g.get("name")) == group), None)
+    found = next((g for g in groups or [] if g.name == group), None)
     if found is None:
         where = "the stream does not exist yet" if groups is None else "missing"
         return f"{where}: the group is created at {start_id} when the fleet starts"
-    lag = found.get("lag")
-    return f"exists, {found.get('pending', 0)} pending, lag {'unknown' if lag is None else lag}"
+    return f"exists, {found.pending} pending, lag {'unknown' if found.lag is None else found.lag}"

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import logging
 
-import redis.exceptions as rex
-
-from fastworker.edge.errors import translated
+from fastworker.edge.admin import Admin
 from fastworker.ops.inspect import ConsumerInfo
 from fastworker.streams import Streams
 
@@ -30,30 +28,18 @@ return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 async def dead_consumers(streams: Streams, stream: str, group: str, idle_ms: int) -> list[ConsumerInfo]:
     """Consumers of `group` with zero pending entries, idle for longer than `idle_ms` (none when the stream or
     group does not exist)."""
-    with translated(streams.url):
-        try:
-            consumers = await streams.redis.xinfo_consumers(stream, group)
-        except rex.ResponseError as exc:
-            if str(exc).startswith("NOGROUP") or "no such key" in str(exc).lower():
-                return []
-            raise
-    found = []
-    for consumer in consumers:
-        name = consumer["name"].decode(errors="replace") if isinstance(consumer["name"], bytes) else consumer["name"]
-        pending, idle = int(consumer["pending"]), int(consumer["idle"])
-        if pending == 0 and idle > idle_ms:
-            found.append(ConsumerInfo(name, pending, idle, True))
-    return found
+    consumers = await Admin(streams).consumers(stream, group) or []
+    return [ConsumerInfo(consumer.name, consumer.pending, consumer.idle_ms, True) for consumer in consumers
+            if consumer.pending == 0 and consumer.idle_ms > idle_ms]
 
 
 async def remove_dead_consumers(streams: Streams, stream: str, group: str, idle_ms: int) -> list[str]:
     """Delete the consumers of `group` that have zero pending entries and have been idle longer than `idle_ms`;
     return the names deleted. A consumer that took an entry since it was listed is kept (checked atomically)."""
     removed = []
-    script = streams.redis.register_script(DELETE_IF_IDLE_EMPTY)
+    delete_if_idle_empty = Admin(streams).script(DELETE_IF_IDLE_EMPTY)
     for consumer in await dead_consumers(streams, stream, group, idle_ms):
-        with translated(streams.url):
-            reply = int(await script(keys=[stream], args=[group, consumer.name]))
+        reply = int(await delete_if_idle_empty([stream], [group, consumer.name]))
         if reply < 0:
             logger.debug("kept consumer stream=%s group=%s consumer=%s: it took pending entries", stream, group,
                         consumer.name)

@@ -22,9 +22,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import redis.exceptions as rex
-
-from fastworker.edge.errors import translated
+from fastworker.edge.admin import Admin, Fields
 from fastworker.ops.inspect import text
 from fastworker.streams import DEAD_FIELD_PREFIX, Streams
 
@@ -107,7 +105,7 @@ def _int(value: str | None) -> int | None:
 
 
 def parse_dead_letter(entry_id: Any, fields: Any) -> DeadLetter:
-    """A dead letter from an XRANGE entry (id, {field: value}) as redis-py returns it (bytes)."""
+    """A dead letter from an entry: its id and its fields (bytes), as `Admin.entries` gives them."""
     fields = fields or {}
     prefix = DEAD_FIELD_PREFIX.encode()
     original = {k: v for k, v in fields.items() if not k.startswith(prefix)}
@@ -115,17 +113,17 @@ def parse_dead_letter(entry_id: Any, fields: Any) -> DeadLetter:
     return DeadLetter(text(entry_id), original, meta)
 
 
-async def _pages(streams: Streams, stream: str, start: str, end: str) -> AsyncIterator[list[Any]]:
+async def _pages(streams: Streams, stream: str, start: str, end: str) -> AsyncIterator[list[tuple[str, Fields]]]:
     """XRANGE in pages; the next page starts after the last id seen (exclusive range, Redis 6.2+)."""
+    admin = Admin(streams)
     while True:
-        with translated(streams.url):
-            page = await streams.redis.xrange(stream, start, end, count=PAGE)
+        page = await admin.entries(stream, start, end, PAGE)
         if not page:
             return
         yield page
         if len(page) < PAGE:
             return
-        start = "(" + text(page[-1][0])
+        start = "(" + page[-1][0]
 
 
 async def list_dead_letters(streams: Streams, dead_stream: str, *, start: str = "-", end: str = "+",
@@ -143,8 +141,7 @@ async def list_dead_letters(streams: Streams, dead_stream: str, *, start: str = 
 
 
 async def get_dead_letter(streams: Streams, dead_stream: str, entry_id: str) -> DeadLetter | None:
-    with translated(streams.url):
-        entries = await streams.redis.xrange(dead_stream, entry_id, entry_id)
+    entries = await Admin(streams).entries(dead_stream, entry_id, entry_id)
     return parse_dead_letter(*entries[0]) if entries else None
 
 
@@ -158,7 +155,7 @@ class RequeueResult:
                 "skipped": [{"dead_id": d, "reason": r} for d, r in self.skipped]}
 
 
-def requeue_fields(letter: DeadLetter) -> dict[Any, Any]:
+def requeue_fields(letter: DeadLetter) -> Fields:
     """The fields the requeued entry gets: the original ones and the incremented requeue count."""
     return {**letter.original, REQUEUES_FIELD.encode(): str(letter.requeues + 1).encode()}
 
@@ -182,36 +179,31 @@ async def requeue_dead_letters(streams: Streams, dead_stream: str, ids: Sequence
 
 
 async def _requeue_one(streams: Streams, dead_stream: str, dead_id: str, default_source: str) -> tuple[str, ...]:
-    with translated(streams.url):
-        async with streams.redis.pipeline(transaction=True) as pipe:
-            for _ in range(WATCH_ATTEMPTS):
-                try:
-                    await pipe.watch(dead_stream)
-                    # Re-read after WATCH: what we publish is what the transaction's XDEL removes.
-                    entries = await pipe.xrange(dead_stream, dead_id, dead_id)
-                    if not entries:
-                        return "skipped", "not found (already requeued or purged?)"
-                    letter = parse_dead_letter(*entries[0])
-                    if not letter.requeueable:
-                        return "skipped", ("the entry was deleted from its stream before it was handled: "
-                                           "there are no original fields to requeue")
-                    source = letter.source_stream or default_source
-                    pipe.multi()  # type: ignore[no-untyped-call]
-                    pipe.xadd(source, requeue_fields(letter))
-                    pipe.xdel(dead_stream, dead_id)
-                    new_id, _ = await pipe.execute()
-                    return "requeued", source, text(new_id)
-                except rex.WatchError:
-                    continue  # another dead letter arrived meanwhile: read again and retry
-    return "skipped", f"the dead-letter stream kept changing; gave up after {WATCH_ATTEMPTS} attempts"
+    def target(fields: Fields | None) -> tuple[str, Fields] | str:
+        # Called with the letter as read after the WATCH: what we publish is what the transaction's XDEL removes.
+        if fields is None:
+            return "not found (already requeued or purged?)"
+        letter = parse_dead_letter(dead_id, fields)
+        if not letter.requeueable:
+            return ("the entry was deleted from its stream before it was handled: "
+                    "there are no original fields to requeue")
+        return letter.source_stream or default_source, requeue_fields(letter)
+
+    # Another dead letter arriving meanwhile makes the move read again and retry, up to WATCH_ATTEMPTS times.
+    moved = await Admin(streams).move_entry(dead_stream, dead_id, target, WATCH_ATTEMPTS)
+    if moved is None:
+        return "skipped", f"the dead-letter stream kept changing; gave up after {WATCH_ATTEMPTS} attempts"
+    if isinstance(moved, str):
+        return "skipped", moved
+    return "requeued", *moved
 
 
 async def purge_dead_letters(streams: Streams, dead_stream: str, ids: Sequence[str]) -> int:
     """XDEL the given dead letters; returns how many existed and were deleted."""
+    admin = Admin(streams)
     deleted = 0
     for start in range(0, len(ids), PAGE):
-        with translated(streams.url):
-            deleted += int(await streams.redis.xdel(dead_stream, *ids[start:start + PAGE]))
+        deleted += await admin.delete_entries(dead_stream, ids[start:start + PAGE])
     if deleted:
         logger.debug("purged dead letters stream=%s count=%d", dead_stream, deleted)
     return deleted

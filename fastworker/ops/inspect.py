@@ -18,9 +18,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import redis.exceptions as rex
-
-from fastworker.edge.errors import translate, translated
+from fastworker.edge.admin import Admin, ConsumerRow, GroupRow, PendingEntry
 from fastworker.errors import ExitCode, FastworkerError
 from fastworker.streams import Streams
 
@@ -33,10 +31,6 @@ MAX_SEQ = 2**64 - 1
 def text(value: Any) -> str:
     """A reply value as str, undecodable bytes replaced: for showing, never for deciding."""
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-
-
-def _int_or_none(value: Any) -> int | None:
-    return None if value is None else int(value)
 
 
 # --- entry ids ------------------------------------------------------------------------------------------------
@@ -81,9 +75,7 @@ def age_ms(entry_id: str | None, now_ms: int) -> int | None:
 
 async def server_time_ms(streams: Streams) -> int:
     """The server's clock in milliseconds (entry ids are stamped with it)."""
-    with translated(streams.url):
-        seconds, micros = await streams.redis.time()
-    return int(seconds) * 1000 + int(micros) // 1000
+    return await Admin(streams).server_time_ms()
 
 
 # --- snapshot types -----------------------------------------------------------------------------------------------
@@ -153,9 +145,7 @@ class Snapshot:
 
 async def list_streams(streams: Streams, match: str | None = None) -> list[str]:
     """Every stream key on the server (SCAN TYPE stream), sorted."""
-    with translated(streams.url):
-        names = {text(key) async for key in streams.redis.scan_iter(match=match, count=1000, _type="stream")}
-    return sorted(names)
+    return await Admin(streams).scan_streams(match)
 
 
 def is_dead_letter_stream(name: str, dead_letter_suffix: str) -> bool:
@@ -182,104 +172,42 @@ async def inspect_stream(streams: Streams, name: str, dead_letter_suffix: str = 
     consumers and oldest pending entry)."""
     is_dead = is_dead_letter_stream(name, dead_letter_suffix)
     dead_stream = None if is_dead else name + dead_letter_suffix
-    with translated(streams.url):
-        async with streams.redis.pipeline(transaction=False) as pipe:
-            pipe.type(name)
-            pipe.xinfo_stream(name)
-            pipe.xinfo_groups(name)
-            pipe.memory_usage(name)
-            pipe.time()
-            if dead_stream is not None:
-                pipe.xlen(dead_stream)
-            replies = await pipe.execute(raise_on_error=False)
-    kind, info, groups, memory, (seconds, micros) = replies[:5]
-    now_ms = int(seconds) * 1000 + int(micros) // 1000
-    dead_letters = _dead_letters(replies[5]) if dead_stream is not None else None
-    missing = StreamInfo(name, False, is_dead, 0, None, None, None, None, None, [], dead_stream, dead_letters)
-    url = streams.url
-    if _failed(kind, url) or text(kind) != "stream" or _failed(info, url) or _failed(groups, url):
-        return missing
-    first_id, last_id = _entry_id(info.get("first-entry")), _entry_id(info.get("last-entry"))
-    group_infos = await _groups(streams, name, groups, dead_after_ms, now_ms)
-    return StreamInfo(name, True, is_dead, int(info["length"]), first_id, last_id, age_ms(first_id, now_ms),
-                      age_ms(last_id, now_ms), None if isinstance(memory, Exception) else _int_or_none(memory),
-                      group_infos, dead_stream, dead_letters, _int_or_none(info.get("entries-added")))
+    admin = Admin(streams)
+    facts = await admin.overview(name, dead_stream)
+    if not facts.exists:
+        return StreamInfo(name, False, is_dead, 0, None, None, None, None, None, [], dead_stream, facts.dead_letters)
+    details = await admin.group_details(name, [group.name for group in facts.groups])
+    group_infos = [_group(group, *details[group.name], dead_after_ms, facts.now_ms)
+                   for group in facts.groups if group.name in details]  # one deleted meanwhile is left out
+    now_ms = facts.now_ms
+    return StreamInfo(name, True, is_dead, facts.length, facts.first_id, facts.last_id,
+                      age_ms(facts.first_id, now_ms), age_ms(facts.last_id, now_ms), facts.memory_bytes, group_infos,
+                      dead_stream, facts.dead_letters, facts.entries_added)
 
 
-def _failed(reply: Any, url: str) -> bool:
-    """True when `reply` says the key is gone (deleted since the previous command); raises any other error."""
-    if not isinstance(reply, Exception):
-        return False
-    if "no such key" in str(reply).lower():
-        return True
-    raise translate(reply, url)
-
-
-def _dead_letters(reply: Any) -> int | None:
-    return None if isinstance(reply, Exception) else int(reply)
-
-
-def _entry_id(entry: Any) -> str | None:
-    if not entry:
-        return None
-    return text(entry[0])
-
-
-async def _groups(streams: Streams, stream: str, groups: list[dict[str, Any]], dead_after_ms: int,
-                  now_ms: int) -> list[GroupInfo]:
-    if not groups:
-        return []
-    with translated(streams.url):
-        async with streams.redis.pipeline(transaction=False) as pipe:
-            for group in groups:
-                pipe.xinfo_consumers(stream, group["name"])
-                pipe.xpending_range(stream, group["name"], "-", "+", 1)
-            replies = await pipe.execute(raise_on_error=False)
-    infos = []
-    for index, group in enumerate(groups):
-        consumers, oldest = replies[2 * index], replies[2 * index + 1]
-        if isinstance(consumers, Exception) or isinstance(oldest, Exception):
-            # Deleted since XINFO GROUPS (NOGROUP): leave it out; anything else is a real error.
-            if "NOGROUP" in str(consumers) or "NOGROUP" in str(oldest):
-                continue
-            raise translate(consumers if isinstance(consumers, Exception) else oldest, streams.url)
-        infos.append(_group(group, consumers, oldest, dead_after_ms, now_ms))
-    return infos
-
-
-def _group(group: dict[str, Any], consumers: list[dict[str, Any]], oldest: list[dict[str, Any]],
-           dead_after_ms: int, now_ms: int) -> GroupInfo:
-    consumer_infos = [
-        ConsumerInfo(text(c["name"]), int(c["pending"]), int(c["idle"]),
-                     int(c["pending"]) == 0 and int(c["idle"]) > dead_after_ms)
-        for c in consumers
-    ]
-    first = oldest[0] if oldest else None
-    oldest_id = text(first["message_id"]) if first else None
+def _group(group: GroupRow, consumers: list[ConsumerRow], oldest: PendingEntry | None, dead_after_ms: int,
+           now_ms: int) -> GroupInfo:
+    consumer_infos = [ConsumerInfo(c.name, c.pending, c.idle_ms, c.pending == 0 and c.idle_ms > dead_after_ms)
+                      for c in consumers]
+    oldest_id = oldest.id if oldest else None
     return GroupInfo(
-        name=text(group["name"]),
+        name=group.name,
         consumers=consumer_infos,
-        pending=int(group["pending"]),
-        lag=_int_or_none(group.get("lag")),
-        last_delivered_id=text(group["last-delivered-id"]),
-        entries_read=_int_or_none(group.get("entries-read")),
+        pending=group.pending,
+        lag=group.lag,
+        last_delivered_id=group.last_delivered_id,
+        entries_read=group.entries_read,
         oldest_pending_id=oldest_id,
         oldest_pending_age_ms=age_ms(oldest_id, now_ms),
-        oldest_pending_idle_ms=int(first["time_since_delivered"]) if first else None,
-        oldest_pending_deliveries=int(first["times_delivered"]) if first else None,
-        oldest_pending_consumer=text(first["consumer"]) if first else None,
+        oldest_pending_idle_ms=oldest.idle_ms if oldest else None,
+        oldest_pending_deliveries=oldest.deliveries if oldest else None,
+        oldest_pending_consumer=oldest.consumer if oldest else None,
     )
 
 
-async def groups_info(streams: Streams, stream: str) -> list[dict[str, Any]] | None:
-    """XINFO GROUPS of `stream`, or None when the stream does not exist."""
-    with translated(streams.url):
-        try:
-            return list(await streams.redis.xinfo_groups(stream))
-        except rex.ResponseError as exc:
-            if "no such key" in str(exc).lower():
-                return None
-            raise
+async def groups_info(streams: Streams, stream: str) -> list[GroupRow] | None:
+    """The consumer groups of `stream` (XINFO GROUPS), or None when the stream does not exist."""
+    return await Admin(streams).groups(stream)
 
 
 class StreamNotFound(FastworkerError):
@@ -288,14 +216,12 @@ class StreamNotFound(FastworkerError):
 
 
 async def stream_exists(streams: Streams, name: str) -> bool:
-    with translated(streams.url):
-        return text(await streams.redis.type(name)) == "stream"
+    return await Admin(streams).key_type(name) == "stream"
 
 
 async def require_stream(streams: Streams, name: str, hint: str = "") -> None:
     """Raise StreamNotFound (saying `hint`, e.g. which streams do exist) unless `name` is a stream on the server."""
-    with translated(streams.url):
-        kind = text(await streams.redis.type(name))
+    kind = await Admin(streams).key_type(name)
     if kind == "none":
         raise StreamNotFound(f"stream {name!r} does not exist{hint}")
     if kind != "stream":
@@ -305,7 +231,7 @@ async def require_stream(streams: Streams, name: str, hint: str = "") -> None:
 async def group_names(streams: Streams, stream: str) -> list[str] | None:
     """The consumer groups of `stream`, or None when the stream does not exist."""
     groups = await groups_info(streams, stream)
-    return None if groups is None else [text(group["name"]) for group in groups]
+    return None if groups is None else [group.name for group in groups]
 
 
 # --- health -------------------------------------------------------------------------------------------------------

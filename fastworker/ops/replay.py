@@ -14,11 +14,9 @@ import dataclasses
 import logging
 from typing import Any
 
-import redis.exceptions as rex
-
-from fastworker.edge.errors import translated
-from fastworker.errors import FastworkerError
-from fastworker.ops.inspect import format_id, parse_id, text
+from fastworker.edge.admin import Admin
+from fastworker.errors import FastworkerError, RedisCommandError
+from fastworker.ops.inspect import format_id, parse_id
 from fastworker.streams import Streams
 
 logger = logging.getLogger(__name__)
@@ -51,15 +49,15 @@ class ReplayPlan:
 async def plan_replay(streams: Streams, stream: str, start: str, end: str, to_stream: str | None = None) -> ReplayPlan:
     """Count the entries of `stream` in [start, end] (read-only)."""
     start, end = check_id(start, ("-",)), check_id(end, ("+",))
+    admin = Admin(streams)
     count, first, last = 0, None, None
     cursor = start
     while True:
-        with translated(streams.url):
-            page = await streams.redis.xrange(stream, cursor, end, count=PAGE)
+        page = await admin.entries(stream, cursor, end, PAGE)
         if not page:
             break
-        page_last: str = text(page[-1][0])
-        first, last, count = first or text(page[0][0]), page_last, count + len(page)
+        page_last = page[-1][0]
+        first, last, count = first or page[0][0], page_last, count + len(page)
         if len(page) < PAGE:
             break
         cursor = "(" + page_last
@@ -73,21 +71,17 @@ async def replay(streams: Streams, plan: ReplayPlan) -> list[str]:
     """
     if plan.first_id is None or plan.last_id is None:
         return []
+    admin = Admin(streams)
     new_ids: list[str] = []
     cursor = plan.first_id
     while True:
-        with translated(streams.url):
-            page = await streams.redis.xrange(plan.stream, cursor, plan.last_id, count=PAGE)
-            if not page:
-                break
-            async with streams.redis.pipeline(transaction=False) as pipe:
-                for _, fields in page:
-                    copy: dict[Any, Any] = fields or {}
-                    pipe.xadd(plan.to_stream, copy)
-                new_ids += [text(i) for i in await pipe.execute()]
+        page = await admin.entries(plan.stream, cursor, plan.last_id, PAGE)
+        if not page:
+            break
+        new_ids += await admin.add_entries(plan.to_stream, [fields for _, fields in page])
         if len(page) < PAGE:
             break
-        cursor = "(" + text(page[-1][0])
+        cursor = "(" + page[-1][0]
     logger.debug("replayed stream=%s first=%s last=%s to=%s count=%d", plan.stream, plan.first_id, plan.last_id,
                 plan.to_stream, len(new_ids))
     return new_ids
@@ -109,22 +103,20 @@ class ResetPlan:
 async def plan_reset(streams: Streams, stream: str, group: str, new_id: str) -> ResetPlan:
     """Where `group`'s cursor is now and where it would go (read-only)."""
     new_id = check_id(new_id, ("$", "0"))
-    with translated(streams.url):
-        try:
-            groups = await streams.redis.xinfo_groups(stream)
-        except rex.ResponseError as exc:
-            raise GroupNotFound(f"stream {stream!r} does not exist") from exc
+    try:
+        groups = await Admin(streams).groups(stream)
+    except RedisCommandError as exc:  # a key of another type: no stream by that name
+        raise GroupNotFound(f"stream {stream!r} does not exist") from exc
+    if groups is None:
+        raise GroupNotFound(f"stream {stream!r} does not exist")
     for info in groups:
-        if text(info["name"]) == group:
-            lag = info.get("lag")
-            return ResetPlan(stream, group, text(info["last-delivered-id"]), new_id, int(info["pending"]),
-                             None if lag is None else int(lag))
+        if info.name == group:
+            return ResetPlan(stream, group, info.last_delivered_id, new_id, info.pending, info.lag)
     raise GroupNotFound(f"stream {stream!r} has no group {group!r}")
 
 
 async def reset_group(streams: Streams, plan: ResetPlan) -> None:
     """XGROUP SETID: the group's next read returns the entries after `plan.new_id`."""
-    with translated(streams.url):
-        await streams.redis.xgroup_setid(plan.stream, plan.group, plan.new_id)
+    await Admin(streams).set_group_cursor(plan.stream, plan.group, plan.new_id)
     logger.debug("moved group cursor stream=%s group=%s from=%s to=%s", plan.stream, plan.group, plan.current_id,
                 plan.new_id)

@@ -30,9 +30,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from fastworker.config import Settings
-from fastworker.edge.errors import translated
+from fastworker.edge.admin import Admin
 from fastworker.errors import FastworkerError
-from fastworker.ops.inspect import format_id, groups_info, min_id, next_id, parse_id, server_time_ms, text
+from fastworker.ops.inspect import format_id, groups_info, min_id, next_id, parse_id, server_time_ms
 from fastworker.streams import Streams
 
 logger = logging.getLogger(__name__)
@@ -110,8 +110,7 @@ async def supports_acked_trim(streams: Streams) -> bool:
     """Whether the server takes `XTRIM key MINID id ACKED` (Redis 8.2+), from its COMMAND DOCS."""
     if streams.url not in _ACKED_SUPPORT:
         try:
-            with translated(streams.url):
-                docs = await _command(streams, "COMMAND DOCS", "XTRIM")
+            docs = await Admin(streams).command_docs("XTRIM")
             _ACKED_SUPPORT[streams.url] = has_token(docs, b"ACKED")
         except FastworkerError as exc:  # a server without COMMAND DOCS (before 7.0) has no ACKED either
             logger.debug("COMMAND DOCS XTRIM failed: %s", exc)
@@ -135,15 +134,16 @@ async def group_bounds(streams: Streams, stream: str) -> list[Bound] | None:
     groups = await groups_info(streams, stream)
     if groups is None:
         return None
-    with translated(streams.url):
-        bounds = []
-        for group in groups:
-            name = text(group["name"])
-            undelivered = next_id(text(group["last-delivered-id"]))
-            bounds.append(Bound(f"group {name}: entries after its last delivered id", undelivered))
-            if int(group["pending"]):
-                summary = await streams.redis.xpending(stream, name)
-                bounds.append(Bound(f"group {name}: oldest pending entry", text(summary["min"])))
+    admin = Admin(streams)
+    bounds = []
+    for group in groups:
+        undelivered = next_id(group.last_delivered_id)
+        bounds.append(Bound(f"group {group.name}: entries after its last delivered id", undelivered))
+        if group.pending:
+            # None, or no min id: the group was deleted, or its entries settled, since XINFO GROUPS
+            summary = await admin.pending_summary(stream, group.name)
+            if summary is not None and summary.min_id is not None:
+                bounds.append(Bound(f"group {group.name}: oldest pending entry", summary.min_id))
     return bounds
 
 
@@ -184,8 +184,7 @@ async def length_cut(streams: Streams, stream: str, max_len: int, scan_cap: int 
     added meanwhile only make it keep more; an entry deleted meanwhile at most makes it keep fewer than `max_len`.
     A walk from the oldest end stops at `needed` (no trim goes past it), which is then the cut.
     """
-    with translated(streams.url):
-        length = int(await streams.redis.xlen(stream))
+    length = await Admin(streams).length(stream)
     excess = length - max_len
     if excess <= 0:
         return "0-0", True
@@ -204,19 +203,15 @@ async def nth_entry(streams: Streams, stream: str, n: int, *, newest: bool, end:
     (up to `end`, an XRANGE / XREVRANGE bound, when given).
 
     Pages of PAGE entries (XREVRANGE or XRANGE ... COUNT), so no reply holds more than a page."""
+    admin = Admin(streams)
     cursor, found, last = "+" if newest else "-", 0, None
     end = end or ("-" if newest else "+")
     while found < n:
-        count = min(PAGE, n - found)
-        with translated(streams.url):
-            if newest:
-                page = await streams.redis.xrevrange(stream, cursor, end, count=count) or []
-            else:
-                page = await streams.redis.xrange(stream, cursor, end, count=count) or []
+        page = await admin.entries(stream, cursor, end, min(PAGE, n - found), reverse=newest)
         if not page:
             return None
         found += len(page)
-        last = text(page[-1][0])
+        last = page[-1][0]
         cursor = "(" + last
     return last
 
@@ -267,8 +262,7 @@ async def safe_trim(streams: Streams, stream: str, retain_count: int = 0, retain
         return TrimResult(stream, minid, bounds, removed, before[0], before[0] - removed, before[1], None, False,
                           True)
     acked = await supports_acked_trim(streams)
-    with translated(streams.url):
-        removed = int(await _command(streams, "XTRIM", stream, "MINID", "=", minid, *(("ACKED",) if acked else ())))
+    removed = await Admin(streams).trim_below(stream, minid, acked=acked)
     after = await _facts(streams, stream)
     logger.debug("trimmed stream=%s minid=%s removed=%d acked_option=%s", stream, minid, removed, acked)
     return TrimResult(stream, minid, bounds, removed, before[0], after[0], before[1], after[1], acked, False)
@@ -276,28 +270,19 @@ async def safe_trim(streams: Streams, stream: str, retain_count: int = 0, retain
 
 async def _facts(streams: Streams, stream: str) -> tuple[int, int | None, str | None]:
     """(length, memory usage, first entry id)."""
-    with translated(streams.url):
-        async with streams.redis.pipeline(transaction=False) as pipe:
-            pipe.xlen(stream)
-            pipe.memory_usage(stream)
-            pipe.xrange(stream, "-", "+", count=1)
-            length, memory, first = await pipe.execute()
-    return int(length), None if memory is None else int(memory), text(first[0][0]) if first else None
+    size = await Admin(streams).size(stream)
+    return size.length, size.memory_bytes, size.first_id
 
 
 async def count_below(streams: Streams, stream: str, minid: str, cap: int = COUNT_CAP) -> int:
     """Entries with ids below `minid`, counted by paging (up to `cap`: a dry run should stay cheap)."""
+    admin = Admin(streams)
     count, cursor = 0, "-"
     end = "(" + minid
     while count < cap:
-        with translated(streams.url):
-            page = await streams.redis.xrange(stream, cursor, end, count=min(1000, cap - count)) or []
+        page = await admin.entries(stream, cursor, end, min(1000, cap - count))
         count += len(page)
         if not page:
             break
-        cursor = "(" + text(page[-1][0])
+        cursor = "(" + page[-1][0]
     return count
-
-
-async def _command(streams: Streams, *args: Any) -> Any:
-    return await streams.redis.execute_command(*args)  # type: ignore[no-untyped-call]
