@@ -167,10 +167,9 @@ class EmbeddedServer:
 
     def version(self) -> str:
         """e.g. 'valkey 9.1.2' or 'redis 7.0.15', from INFO server."""
-        import redis
+        from fastworker.edge.admin import server_info  # this module stays a leaf: the client loads only when asked
 
-        with redis.Redis.from_url(self.url) as client:
-            info = client.info("server")
+        info = server_info(self.url)
         if "valkey_version" in info:
             return f"valkey {info['valkey_version']}"
         return f"redis {info['redis_version']}"

@@ -22,16 +22,16 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import IO, Any
 
-import redis.asyncio as aioredis
-
 from fastworker import demo
 from fastworker.cli import add_settings_flags, at_least, flag_values, number
 from fastworker.commands.dashboard import serve_dashboard
-from fastworker.config import load_settings
+from fastworker.config import Settings, load_settings
+from fastworker.edge.admin import Admin
 from fastworker.errors import ExitCode
 from fastworker.logs import plural
 from fastworker.publisher import Publisher
 from fastworker.server import EmbeddedServer
+from fastworker.streams import Streams
 from fastworker.supervisor import Supervisor
 
 STREAMS = (demo.DATA_JOBS, demo.ML_TRAINING, demo.NOTIFICATIONS)
@@ -165,12 +165,18 @@ class AppEmulation:
         self.lengths_before = await self._lengths()
         self._tasks = [asyncio.create_task(self._publish(supervisor)), asyncio.create_task(self._watch(supervisor))]
 
-    async def _lengths(self) -> dict[str, int]:
-        client = aioredis.Redis.from_url(self.url)
+    @contextlib.asynccontextmanager
+    async def _admin(self) -> AsyncIterator[Admin]:
+        """The server's counters, on connections of their own (the summary runs in an event loop of its own)."""
+        streams = Streams(Settings(redis_url=self.url))
         try:
-            return {stream: await client.xlen(stream) for stream in STREAMS}
+            yield Admin(streams)
         finally:
-            await client.aclose()
+            await streams.aclose()
+
+    async def _lengths(self) -> dict[str, int]:
+        async with self._admin() as admin:
+            return {stream: await admin.length(stream) for stream in STREAMS}
 
     async def _publish(self, supervisor: Supervisor) -> None:
         """Publish the jobs round-robin over the three job streams, like the app would, at the chosen rate."""
@@ -283,16 +289,12 @@ class AppEmulation:
               f"first delivery (see `fastworker dlq list {demo.DATA_JOBS} --error-class PayloadInvalid`)")
 
     async def _dead_classes(self) -> dict[str, int]:
-        client = aioredis.Redis.from_url(self.url)
         counts: dict[str, int] = {}
-        try:
+        async with self._admin() as admin:
             for stream in STREAMS:
-                letters: Any = await client.xrange(stream + self.dead_letter_suffix)
-                for _, fields in letters:
+                for _, fields in await admin.entries(stream + self.dead_letter_suffix):
                     name = fields.get(b"fw:error_class", b"?").decode()
                     counts[name] = counts.get(name, 0) + 1
-        finally:
-            await client.aclose()
         return counts
 
     def _interrupted(self, tally: Tally, supervisor: Supervisor) -> None:
@@ -311,14 +313,11 @@ class AppEmulation:
 
     async def _table(self, supervisor: Supervisor) -> None:
         totals = supervisor.totals()
-        client = aioredis.Redis.from_url(self.url)
-        try:
-            rows = [await _stream_row(client, stream, demo.GROUPS[stream], totals, self.dead_letter_suffix)
+        async with self._admin() as admin:
+            rows = [await _stream_row(admin, stream, demo.GROUPS[stream], totals, self.dead_letter_suffix)
                     for stream in STREAMS]
-            rows += [(stream, await client.xlen(stream), "-", "-", "-", "results")
+            rows += [(stream, await admin.length(stream), "-", "-", "-", "results")
                      for stream in (demo.ANALYSIS_RESULTS, demo.FEATURES_COMPUTED)]
-        finally:
-            await client.aclose()
         header = ("stream", "length", "pending", "dead letters", "acked", "")
         widths = [max(len(str(row[i])) for row in (header, *rows)) for i in range(len(header))]
         for row in (header, *rows):
@@ -335,11 +334,9 @@ async def _pace(started: float, sent: int, rate: float) -> None:
         await asyncio.sleep(ahead)
 
 
-async def _stream_row(client: aioredis.Redis, stream: str, group: str, totals: dict[tuple[str, str, str], int],
+async def _stream_row(admin: Admin, stream: str, group: str, totals: dict[tuple[str, str, str], int],
                       dead_letter_suffix: str) -> tuple[Any, ...]:
-    try:
-        pending: Any = (await client.xpending(stream, group))["pending"]
-    except aioredis.ResponseError:  # interrupted before the group was made
-        pending = "-"
-    dead = await client.xlen(stream + dead_letter_suffix)
-    return stream, await client.xlen(stream), pending, dead, totals.get((stream, group, "acked"), 0), group
+    summary = await admin.pending_summary(stream, group)  # None: interrupted before the group was made
+    dead = await admin.length(stream + dead_letter_suffix)
+    pending = "-" if summary is None else summary.count
+    return stream, await admin.length(stream), pending, dead, totals.get((stream, group, "acked"), 0), group
