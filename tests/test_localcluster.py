@@ -90,8 +90,12 @@ def test_local_cluster_says_when_the_binary_is_missing(monkeypatch: pytest.Monke
     monkeypatch.setenv(SERVER_BIN_ENV, "no-such-server-binary")
     with pytest.raises(ServerError, match=r"no-such-server-binary.*not an executable"):
         LocalCluster()
-    with pytest.raises(ClusterError, match=r"did not start.*cannot start"):
-        LocalCluster(binary=str(tmp_path / "missing"), base_dir=tmp_path).start()
+    with pytest.raises(ServerError, match=r"binary '.*missing' is not an executable"):
+        LocalCluster(binary=str(tmp_path / "missing"), base_dir=tmp_path)
+    (tmp_path / "fails").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "fails").chmod(0o755)
+    with pytest.raises(ClusterError, match=r"cluster node on port \d+ did not start: .*fails exited with 1"):
+        LocalCluster(binary=str(tmp_path / "fails"), base_dir=tmp_path).start()
 
 
 def _server_pids(base_dir: Path) -> list[int]:
