@@ -74,18 +74,21 @@ _CODES: dict[str, type[rex.RedisError]] = {
     "TRYAGAIN": rex.TryAgainError, "MOVED": rex.MovedError, "CLUSTERDOWN": rex.ClusterDownError,
     "CROSSSLOT": rex.ClusterCrossSlotError, "MASTERDOWN": rex.MasterDownError,
 }
-_MAX_CLIENTS = "max number of clients reached"  # an ERR reply redis-py reads as a connection error
+# ERR replies redis-py reads as another class than ResponseError (those about AUTH and modules come only from
+# commands the edge does not send outside redis-py's own connect)
+_ERR_TEXTS: dict[str, type[rex.RedisError]] = {"max number of clients reached": rex.ConnectionError}
 
 
 def reply_error(message: str) -> rex.RedisError:
     """The redis-py exception for a server error reply (`message` without the leading `-`), as redis-py's parser
-    builds it: `NOPERM this user...` gives NoPermissionError('this user...'), an unknown code a ResponseError with
-    the whole text. Used as hiredis' `replyError`: the exception is returned as the reply's value, never raised."""
+    builds it: `NOPERM this user...` gives NoPermissionError('this user...') and `ERR syntax error`
+    ResponseError('syntax error') (the code cut off), an unknown code a ResponseError with the whole text. Used as
+    hiredis' `replyError`: the exception is the reply's value, never raised."""
     code, _, rest = message.partition(" ")
     if code in _CODES:
         return _CODES[code](rest, status_code=code)
-    if code == "ERR" and rest == _MAX_CLIENTS:
-        return rex.ConnectionError(rest, status_code=code)
+    if code == "ERR":
+        return _ERR_TEXTS.get(rest, rex.ResponseError)(rest, status_code=code)
     return rex.ResponseError(message)
 
 
