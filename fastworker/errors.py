@@ -1,7 +1,7 @@
 """Errors and signals of fastworker, and the process exit codes they map to.
 
 Every exception fastworker raises derives from `FastworkerError`. Redis client errors are translated into these
-at the I/O edge (`streams.py`), so no other module needs to know redis-py's exception classes. `Reject` and
+at the I/O edge (`fastworker.edge`), so no other module needs to know redis-py's exception classes. `Reject` and
 `Retry` are signals a handler raises to choose a message's fate explicitly.
 """
 
