@@ -356,6 +356,19 @@ class Streams:
             return "valkey", str(info["valkey_version"])
         return str(info.get("server_name") or "redis"), str(info.get("redis_version", "?"))
 
+    async def xackdel_refusal(self, stream: str) -> str | None:
+        """Why XACKDEL (Redis 8.2+) cannot ack `stream`'s entries for this user, or None when it can.
+
+        Tried, not looked up: on `stream` with a group name nobody uses (the reply is [-1]: nothing is acked or
+        deleted), so one call answers both whether the server has the command and whether the user may run it.
+        Any refusal (unknown command, NOPERM) is the reason, as the server worded it."""
+        with translated(self.url):
+            try:
+                await self.redis.xackdel(stream, "fastworker-xackdel-probe", "0-1", ref_policy="ACKED")
+            except rex.ResponseError as exc:  # NoPermissionError is one
+                return str(exc).strip() or type(exc).__name__
+        return None
+
     async def ensure_groups(self, pairs: Iterable[tuple[str, str]], start_id: str) -> list[tuple[str, str]]:
         """Create every missing (stream, group), with its stream if needed; return those that were created."""
         created = []
