@@ -62,6 +62,7 @@ class Handler:
     max_deliveries: int | None = None  # None: the fleet's default (settings)
     dead_on: tuple[type[BaseException], ...] = ()  # failures that dead-letter at once, besides validation errors
     typed: PayloadType | None = None  # the declared payload type, None for an untyped handler
+    delete_acked: bool = False  # ack with XACKDEL ... ACKED where the server has it (Redis 8.2+)
 
     @property
     def is_async(self) -> bool:
@@ -92,7 +93,7 @@ class App:
                 payload_field: str = DEFAULT_PAYLOAD_FIELD, dedup: Dedup | bool | None = None,
                 retry: Backoff | None = None, max_deliveries: int | None = None,
                 dead_on: Iterable[type[BaseException]] = (), payload_type: Any = None,
-                ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+                delete_acked: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Register a function for the entries of `stream` read through consumer `group`.
 
         The function takes one `Message` (or, with `batch=True`, the list of a batch's messages for this stream),
@@ -108,6 +109,13 @@ class App:
         Failures: `retry` (a `Backoff`) spaces the retries (default: the fleet's `--retry-*` settings), a `Retry`
         raised with `delay_s` picks the next delay; `max_deliveries` overrides the fleet's; exceptions of the
         classes in `dead_on` (and validation errors: msgspec's, pydantic's, PayloadInvalid) dead-letter at once.
+
+        `delete_acked=True`: an entry is deleted from `stream` once every consumer group of the stream has
+        acknowledged it (XACKDEL ... ACKED, Redis 8.2+), so the stream's memory stays flat without trimming. Entries
+        another group has not read or acknowledged yet stay until it has, and a group that acknowledges with plain
+        XACK (no `delete_acked`, or another program) leaves behind the entries it acknowledges last: give every
+        group of the stream the option. Dead letters and results are kept. On a server without XACKDEL the worker
+        says so once at start and acknowledges with XACK: the entries stay, for the trim (`--trim-interval-s`).
         """
         if not stream or not group:
             raise ValueError("a handler needs a stream and a group")
@@ -122,6 +130,10 @@ class App:
         deadly = tuple(dead_on)
         if not all(isinstance(kind, type) and issubclass(kind, BaseException) for kind in deadly):
             raise ValueError(f"dead_on takes exception classes, got {deadly!r}")
+        if any(h.stream == stream and h.delete_acked != delete_acked for h in self.handlers):
+            raise ValueError(f"stream {stream!r} has a handler with delete_acked={not delete_acked}: give every group "
+                             "of a stream the same delete_acked (XACKDEL ... ACKED deletes an entry only when every "
+                             "group acknowledged it with XACKDEL)")
         rule = Dedup() if dedup is True else (dedup or None)
 
         def register(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -129,7 +141,7 @@ class App:
             if typed is not None and payload == "raw":
                 raise ValueError("a typed payload needs decoding: payload='raw' cannot be combined with it")
             self.handlers.append(Handler(stream, group, func, batch, payload, payload_field, rule, retry,
-                                         max_deliveries, validation_errors() + deadly, typed))
+                                         max_deliveries, validation_errors() + deadly, typed, delete_acked))
             return func
 
         return register

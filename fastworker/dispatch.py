@@ -90,6 +90,7 @@ class Dispatcher:
         self._failures = FailureLog()
         self.isolation = Isolation()
         self.tracer: HandlerTracer | None = None  # set by the worker when tracing is on
+        self.deleting: dict[str, frozenset[str]] = {}  # group -> streams acked with XACKDEL (set by the worker)
         self.recovery = Recovery()
         self.dead_letter_suffix = dead_letter_suffix
         self._slots = asyncio.Semaphore(concurrency)
@@ -105,7 +106,7 @@ class Dispatcher:
         `isolation`: "alone" for a crash suspect (an entry whose worker died while handling it): it runs with nothing
         else of this process in flight, so that if it kills the process again, it is the only one charged; "held"
         when the caller holds `self.isolation.alone()` already; "shared" for everything else."""
-        settlement = Settlement(group)
+        settlement = Settlement(group, self.deleting.get(group, frozenset()))
         runs = [self._stream(handlers[stream], messages, settlement) for stream, messages in batch.items()]
         entered = {"alone": self.isolation.alone, "shared": self.isolation.shared}.get(isolation, _held)
         async with entered():

@@ -13,13 +13,16 @@ Invariants:
   SETTLE_SCRIPT, larger ones through a transaction that adds them and then keeps them only if its XACK settled the
   entry (LARGE_OUTPUT_SCRIPT removes them otherwise, inside the same EXEC).
 - Counts are counted from the replies: an entry counts as acked or dead only once the server confirmed it.
+- Delete-on-ack changes the ack command, never the rule: a stream in `deleting` is acked with XACKDEL ... ACKED,
+  whose codes 1 and 2 both mean "removed from this group's PEL by this call" (see ACKDEL_CODES), and only that
+  writes outputs. Retries (parked) and entries deleted while pending are acked as before.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from typing import Any
 
 from fastworker.edge.wire import Command
@@ -40,6 +43,22 @@ def retry_key(stream: str, group: str) -> str:
     """The sorted set of `group`'s retries of `stream`: entry id -> due time (server clock, ms since the epoch).
     It starts with the stream's name, so it shares its hash tag and its ACL key pattern."""
     return f"{stream}:fw-retry:{group}"
+
+# Delete-on-ack (a handler's `delete_acked=True`, on a server with XACKDEL: Redis 8.2+) acks with
+# `XACKDEL stream group ACKED IDS n id...`: the entry leaves this group's PEL and is deleted from the stream once no
+# group references it any more (nothing pending in any group, every group delivered past it). Its reply has one code
+# per id. Measured on Redis 8.2.3, ACKED, groups g1 (acking) and g2:
+#    1  pending in g1 only (g2 acked it already, or g2 was created past it): acked and deleted
+#    2  pending in g1 and also in g2, or pending in g1 and not yet delivered to g2: acked, the entry is kept
+#   -1  already acked in g1; not in the stream at all; no such group; no such key: nothing done (and an entry
+#       already acked by a plain XACK is not deleted either)
+#    1  pending in g1 but deleted from the stream meanwhile (XDEL): acked (like XACK's 1)
+# (KEEPREF and DELREF give 1 for a pending id even while g2 has it pending, and delete it under g2's feet: not
+# used.) So "removed from this group's PEL by this call" is exactly code 1 or 2, which is what decides whether an
+# entry's outputs are written (the exactly-once rule), as XACK's 1 does. An entry g2 has not read yet stays in the
+# stream until g2 acks it with XACKDEL too: a group that acks with plain XACK leaves the entries it acks last behind
+# (for the trim to remove).
+ACKDEL_CODES = {1: "acked and deleted", 2: "acked, kept for another group", -1: "not pending in this group"}
 
 # Lua's unpack() stops at about 8,000 values (measured: 7,999 on Valkey 9.1 and Redis 7.0). An output with more
 # field values than this goes through the transaction instead of the script.
@@ -106,6 +125,27 @@ end
 return flags
 """
 
+# The same for streams whose acks delete (a handler's `delete_acked`): XACKDEL ... ACKED in place of XACK, its code
+# (ACKDEL_CODES) read as XACK's reply would be: 1 removed from this group's PEL here, 0 not. Checking the user's
+# permission for XACKDEL up front also checks that the server has it: acl_check_cmd raises on a command the server
+# does not know (Valkey 9.1, Redis 7.0), so such a server refuses the whole call before its first write.
+
+
+def _acking_with_xackdel(script: str) -> str:
+    for xack, xackdel in (
+            ("redis.acl_check_cmd('XACK', key, group, '0-1')",
+             "redis.acl_check_cmd('XACKDEL', key, group, 'ACKED', 'IDS', '1', '0-1')"),
+            ("may not XACK ", "may not XACKDEL "),
+            ("redis.call('XACK', source, group, ARGV[i])",
+             "(redis.call('XACKDEL', source, group, 'ACKED', 'IDS', 1, ARGV[i])[1] == -1 and 0 or 1)")):
+        if script.count(xack) != 1:
+            raise RuntimeError(f"SETTLE_SCRIPT changed: update _acking_with_xackdel for {xack!r}")
+        script = script.replace(xack, xackdel)
+    return script
+
+
+SETTLE_DELETE_SCRIPT = _acking_with_xackdel(SETTLE_SCRIPT)
+
 # The end of one large entry's transaction: MULTI, XADD of each output (sent by the client, so no unpack limit),
 # then this script, then EXEC. EXEC runs it all with nothing in between, so an output stream's newest entries are
 # the ones just added, if their XADDs worked. That is checked before the ack, in every way an XADD can fail inside
@@ -113,11 +153,14 @@ return flags
 # cannot change during it), its newest entry is not at the last possible id (where XADD * fails), and each of the
 # newest entries has the output's fingerprint (value count, first field and value). The entry is acked only if every
 # output is there; otherwise, or if the entry was settled elsewhere first, the outputs just added are deleted again:
-# nobody can have read them. (Entry times are not compared: a large XADD takes milliseconds of its own.)
-# KEYS[1]: source stream, then the output streams (distinct). ARGV: group, entry id, then per output stream: how
-# many outputs it got, then per output: value count, first field, first value. Returns 1 settled here, 0 before.
+# nobody can have read them. (Entry times are not compared: a large XADD takes milliseconds of its own.) The ack
+# goes by redis.pcall, so that an ack the server refuses (no XACKDEL on this server, a permission withdrawn) also
+# takes the outputs back before the error is returned.
+# KEYS[1]: source stream, then the output streams (distinct). ARGV: group, entry id, '1' to ack with XACKDEL ...
+# ACKED (else '0'), then per output stream: how many outputs it got, then per output: value count, first field,
+# first value. Returns 1 settled here, 0 before.
 LARGE_OUTPUT_SCRIPT = """
-local ours, complete, a = {}, true, 3
+local ours, complete, a = {}, true, 4
 for k = 2, #KEYS do
   local n = tonumber(ARGV[a])
   local newest = {}
@@ -138,9 +181,15 @@ for k = 2, #KEYS do
   a = a + 1 + 3 * n
 end
 local acked = 0
-if complete then acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) end
+if complete and ARGV[3] == '1' then
+  acked = redis.pcall('XACKDEL', KEYS[1], ARGV[1], 'ACKED', 'IDS', 1, ARGV[2])
+  if not acked.err then acked = acked[1] == -1 and 0 or 1 end
+elseif complete then
+  acked = redis.pcall('XACK', KEYS[1], ARGV[1], ARGV[2])
+end
 if acked == 1 then return 1 end
 for _, entry in ipairs(ours) do redis.call('XDEL', entry[1], entry[2]) end
+if type(acked) == 'table' then return acked end
 if not complete then
   return redis.error_reply('an output of entry ' .. ARGV[2] .. ' was not written; nothing was settled')
 end
@@ -241,11 +290,12 @@ class Settlement:
     the entries with small outputs), and the counts the server confirmed."""
 
     __slots__ = ("_retries", "_steps", "acked_by_stream", "acks", "claimed", "counted", "dead_by_stream",
-                 "deduplicated_by_stream", "deleted_by_stream", "earliest_retry_s", "forgotten", "group", "received",
-                 "records", "retried_by_stream", "retry_wait_ms_by_stream", "skipped", "timings")
+                 "deduplicated_by_stream", "deleted_by_stream", "deleting", "earliest_retry_s", "forgotten", "group",
+                 "received", "records", "retried_by_stream", "retry_wait_ms_by_stream", "skipped", "timings")
 
-    def __init__(self, group: str) -> None:
+    def __init__(self, group: str, deleting: Container[str] = ()) -> None:
         self.group = group
+        self.deleting = deleting  # source streams whose acks delete the entry (XACKDEL ... ACKED)
         self.acks: dict[str, list[str | bytes]] = {}  # handled, nothing to publish
         self.records: list[Record] = []  # handled with results, or dead-lettered
         self._retries: dict[str, list[tuple[str | bytes, int]]] = {}  # failed: (id, delay ms), parked for a retry
@@ -366,7 +416,8 @@ class Settlement:
 
     def _count(self, step: Step, reply: Any) -> None:
         if step.kind == "ack":
-            _add(self.acked_by_stream, step.stream, int(reply))
+            acked = int(reply) if isinstance(reply, int) else sum(code != -1 for code in reply)  # XACKDEL: codes
+            _add(self.acked_by_stream, step.stream, acked)
         elif step.kind == "deleted":
             _add(self.deleted_by_stream, step.stream, len(step.ids))
         elif step.kind == "retry":
@@ -381,20 +432,30 @@ class Settlement:
                     _add(self.dead_by_stream if record.dead else self.acked_by_stream, record.stream, 1)
 
     def _plan(self) -> list[Step]:
-        group = self.group
-        steps = [Step("ack", [("XACK", stream, group, *ids)], stream, ids)
+        group, deleting = self.group, self.deleting
+        steps = [Step("ack", [ack_command(group, stream, ids, stream in deleting)], stream, ids)
                  for stream, ids in self.acks.items() if ids]
         steps += [Step("deleted", [("XACK", stream, group, *ids)], stream, ids)
                   for stream, ids in self.forgotten.items() if ids]
         steps += [Step("retry", [park_script_call(group, stream, retries)], stream, [i for i, _ in retries])
                   for stream, retries in self._retries.items() if retries]
         small = [record for record in self.records if not record.large]
-        if small:
-            call, ordered = settle_script_call(group, small)
-            steps.append(Step("script", [call], records=ordered))
-        steps += [Step("large", large_output_transaction(group, record), records=[record])
+        kept, deleted = _split(small, deleting) if deleting else (small, [])
+        for script, records in ((SETTLE_SCRIPT, kept), (SETTLE_DELETE_SCRIPT, deleted)):
+            if records:
+                call, ordered = settle_script_call(group, records, script)
+                steps.append(Step("script", [call], records=ordered))
+        steps += [Step("large", large_output_transaction(group, record, record.stream in deleting),
+                       records=[record])
                   for record in self.records if record.large]
         return steps
+
+
+def ack_command(group: str, stream: str, ids: Sequence[str | bytes], delete: bool) -> Command:
+    """The plain ack of `ids`: XACK, or XACKDEL ... ACKED when the stream's acks delete (ACKDEL_CODES)."""
+    if delete:
+        return ("XACKDEL", stream, group, "ACKED", "IDS", len(ids), *ids)
+    return ("XACK", stream, group, *ids)
 
 
 def park_script_call(group: str, stream: str, retries: Sequence[tuple[str | bytes, int]]) -> Command:
@@ -425,9 +486,10 @@ def with_text(command: Command) -> Command:
     return ("EVAL", script, *command[2:])
 
 
-def settle_script_call(group: str, records: Sequence[Record]) -> tuple[Command, list[Record]]:
-    """The SETTLE_SCRIPT call for `records`, and the records in the order of its reply's flags (grouped in runs of
-    one source stream and one output shape)."""
+def settle_script_call(group: str, records: Sequence[Record],
+                       script: str = SETTLE_SCRIPT) -> tuple[Command, list[Record]]:
+    """The SETTLE_SCRIPT (or SETTLE_DELETE_SCRIPT) call for `records`, and the records in the order of its reply's
+    flags (grouped in runs of one source stream and one output shape)."""
     runs: dict[tuple[str, tuple[tuple[str, int], ...]], list[Record]] = {}
     for record in records:
         shape = tuple((out_stream, len(values)) for out_stream, values in record.outputs)
@@ -453,16 +515,16 @@ def settle_script_call(group: str, records: Sequence[Record]) -> tuple[Command, 
         ordered += run
     args[1] = len(sources)
     keys = [*sources, *outputs]  # a key both read and written is checked for both
-    return script_call(SETTLE_SCRIPT, keys, args), ordered
+    return script_call(script, keys, args), ordered
 
 
-def large_output_transaction(group: str, record: Record) -> list[Command]:
+def large_output_transaction(group: str, record: Record, delete: bool = False) -> list[Command]:
     fingerprints: dict[str, list[FieldValue]] = {}
     commands: list[Command] = [("MULTI",)]
     for out_stream, values in record.outputs:
         commands.append(("XADD", out_stream, "*", *values))
         fingerprints.setdefault(out_stream, []).extend([len(values), values[0], values[1]])
-    args: list[FieldValue] = [group, record.entry_id]
+    args: list[FieldValue] = [group, record.entry_id, "1" if delete else "0"]
     for prints in fingerprints.values():
         args += [len(prints) // 3, *prints]
     # By its text, not its digest: inside EXEC, a NOSCRIPT would come after the XADDs had run, leaving outputs
@@ -470,6 +532,15 @@ def large_output_transaction(group: str, record: Record) -> list[Command]:
     commands.append(("EVAL", LARGE_OUTPUT_SCRIPT, 1 + len(fingerprints), record.stream, *fingerprints, *args))
     commands.append(("EXEC",))
     return commands
+
+
+def _split(records: Sequence[Record], deleting: Container[str]) -> tuple[list[Record], list[Record]]:
+    """(records of streams whose acks keep the entry, records of those whose acks delete it)"""
+    kept: list[Record] = []
+    deleted: list[Record] = []
+    for record in records:
+        (deleted if record.stream in deleting else kept).append(record)
+    return kept, deleted
 
 
 def _without_trace(fields: list[FieldValue]) -> list[FieldValue]:

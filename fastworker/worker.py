@@ -99,6 +99,7 @@ class Worker:
         created = await streams.ensure_groups(pairs, self.settings.group_start_id)
         for stream, group in created:
             logger.info("created group %s on stream %s at id %s", group, stream, self.settings.group_start_id)
+        dispatcher.deleting = await self._deleting(streams)
         await _run_startup_hooks(self.app.startup_hooks)
         dispatcher.tracer = tracer_for(self.settings.tracing)  # after the hooks: they may set up OpenTelemetry
         self.consumers = [Consumer(streams, dispatcher, self.settings, group, handlers, name, self.stats)
@@ -112,6 +113,27 @@ class Worker:
             task.add_done_callback(self._loop_ended)
         logger.info("worker ready consumers=%s groups=%s", ",".join(self.names), ",".join(groups))
         self.ready.set()
+
+    async def _deleting(self, streams: Streams) -> dict[str, frozenset[str]]:
+        """Per group, the streams whose acks delete the entry: their handlers have `delete_acked` and the server
+        takes XACKDEL on them (tried once here, never assumed from a version). Where it does not, the worker says
+        so once and acks as before (XACK: the entries stay, for the trim)."""
+        wanted = sorted({handler.stream for handler in self.app.handlers if handler.delete_acked})
+        able = set()
+        for stream in wanted:
+            refusal = await streams.xackdel_refusal(stream)
+            if refusal is None:
+                able.add(stream)
+            else:
+                logger.warning("delete_acked is off for stream=%s: the server refused XACKDEL (Redis 8.2+): %s; its "
+                               "entries are acked with XACK and stay until trimmed (--trim-interval-s, or "
+                               "`fastworker trim`)", stream, refusal)
+        if able:
+            logger.info("delete_acked on for streams=%s: an entry is deleted once every group acked it "
+                        "(XACKDEL ... ACKED)", ",".join(sorted(able)))
+        return {group: frozenset(stream for stream, handler in handlers.items()
+                                 if handler.delete_acked and stream in able)
+                for group, handlers in self.app.groups().items()}
 
     def _loop_ended(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None and not self._stop.is_set():
