@@ -271,16 +271,23 @@ class LocalCluster:
 
     @property
     def urls(self) -> list[str]:
-        """redis:// URLs of the live nodes, masters first."""
-        return [node.url for node in self._live()]
+        """redis:// URLs of the running nodes, masters first (empty before start and after stop)."""
+        return [node.url for node in self._running()]
 
     @property
     def startup_nodes(self) -> list[tuple[str, int]]:
-        """(host, port) of the live nodes, for a cluster client's start-up list."""
-        return [(LOOPBACK, node.port) for node in self._live()]
+        """(host, port) of the running nodes, for a cluster client's start-up list."""
+        return [(LOOPBACK, node.port) for node in self._running()]
+
+    def _running(self) -> list[ClusterNode]:
+        return [node for node in self.nodes if not node.killed and node.server.process is not None]
 
     def _live(self) -> list[ClusterNode]:
-        return [node for node in self.nodes if not node.killed and node.server.process is not None]
+        """The running nodes; ClusterError when there is none to ask."""
+        live = self._running()
+        if not live:
+            raise ClusterError("no node of this cluster is running (not started, stopped, or all killed)")
+        return live
 
     def node_at(self, port: int) -> ClusterNode:
         """The node listening on `port`; KeyError when none of this cluster does."""
@@ -410,11 +417,11 @@ class LocalCluster:
         return info.get("role") != "slave" or info.get("master_link_status") == "up"
 
     def _expected_replicas(self, master_port: int) -> int:
-        return sum(1 for node in self._live() if node.replica_of is not None and node.replica_of.port == master_port)
+        return sum(1 for node in self._running() if node.replica_of is not None and node.replica_of.port == master_port)
 
     def _describe(self) -> str:
         states = []
-        for node in self._live():
+        for node in self._running():
             try:
                 state = parse_info(node.command("CLUSTER", "INFO")).get("cluster_state", "?")
                 rows = topology(node.view())
