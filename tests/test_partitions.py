@@ -249,3 +249,19 @@ def test_partitions_work_on_a_standalone_server(server: EmbeddedServer, uid: str
             client.xadd(key, {"data": "job"})
         assert [client.xlen(key) for key in parts.keys] == [1, 1, 1]
         assert parts.check_record(_send(client, parts.read_command())) == 3
+
+
+@pytest.mark.server
+def test_partition_keys_and_record_fall_under_the_applications_acl_key_pattern(server: EmbeddedServer,
+                                                                                uid: str) -> None:
+    parts = Partitioning(f"{uid}:jobs", 3)
+    with redis.Redis.from_url(server.url) as admin:
+        admin.execute_command("ACL", "SETUSER", f"{uid}-app", "on", ">secret", f"~{uid}:*", "+@all")
+        try:
+            with redis.Redis(port=server.port, username=f"{uid}-app", password="secret") as app:
+                assert parts.check_record(_send(app, parts.record_command())) is None
+                for key in (*parts.keys, parts.dead_letter_key(0)):
+                    app.xadd(key, {"data": "job"})
+                app.zadd(parts.retry_key(0, "workers"), {"0-1": 1})
+        finally:
+            admin.execute_command("ACL", "DELUSER", f"{uid}-app")
