@@ -49,3 +49,12 @@ one_result = App("one-result")
 @one_result.handler(STREAM, group=GROUP)
 async def handle_one_result(msg: Message) -> None:
     msg.emit(RESULTS_STREAM, fields={"job": msg.id, "status": "done"})
+
+
+# Delete-on-ack (bench/memory.py): each entry is deleted from the stream once acked, XACKDEL ... ACKED (Redis 8.2+).
+noop_delete_acked = App("noop-delete-acked")
+
+
+@noop_delete_acked.handler(STREAM, group=GROUP, delete_acked=True)
+async def handle_delete_acked(msg: Message) -> None:
+    return None
