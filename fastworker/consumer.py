@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 
 from fastworker.app import Handler
@@ -34,7 +35,7 @@ from fastworker.outages import outages
 from fastworker.policy import backoff_s
 from fastworker.settlement import Settlement
 from fastworker.stats import Stats
-from fastworker.streams import Channel, Streams
+from fastworker.streams import Ahead, Channel, Streams
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,8 @@ class Consumer:
         self._recover_from = "0"  # last id recovered of the first of them
         self._history: dict[str, str] | None = None  # last id seen per stream while re-reading after a reconnect
         self._recovered = False
+        self._ahead: deque[Ahead] = deque()  # reads written before the batch in hand was handled, oldest first
+        self.reads_ahead = 0  # batches that came by read-ahead
         dispatcher.recovery.begin()
         self._outage = Outage(f"consumer {name} group={group}", stats.problems)
         self._refused = Outage(f"consumer {name} group={group} settle", stats.problems, REFUSED_BACKOFF_CAP_S)
@@ -106,6 +109,8 @@ class Consumer:
         self._recovering = list(self.handlers)
         try:
             while not self.stopping.is_set():
+                settlement = await self._step(settlement)
+            while self._ahead:  # batches already read ahead are handled too, like the batch in hand
                 settlement = await self._step(settlement)
             if settlement is not None:
                 await self._settle_last(settlement)
@@ -131,28 +136,81 @@ class Consumer:
         return None
 
     async def _turn(self, settlement: Settlement | None, isolation: Isolated) -> Settlement | None:
+        """Get the next batch (from a read written ahead, or by a read that carries `settlement`), then handle it.
+        Returns the settlement still to write: the batch's, or one no read has carried yet."""
+        ahead = self._ahead.popleft() if self._ahead else None
+        # With a read-ahead, `settlement` was not written yet: the read that brought this batch went before it.
+        sent, unsent = (ahead.settlement, settlement) if ahead is not None else (settlement, None)
         try:
-            batch = await self._read(settlement)
+            batch = await (self._read_ahead(ahead) if ahead is not None else self._read(settlement))
         except SettleRefused as exc:
-            await self._settle_refused(settlement, exc)
-            return None
+            await self._drop_ahead()
+            assert sent is not None
+            await self._settle_refused(sent, exc)
+            return unsent
         except NoGroupError as exc:
-            self._settled(settlement)
+            await self._drop_ahead()
+            self._settled(sent)
+            self._settled(unsent)
             await self._recreate_groups(exc)
             return None
         except FastworkerError as exc:
-            self._settled(settlement)
+            await self._drop_ahead()
+            self._settled(sent)
             self._reread_own_pending()
             await self._outage.failed(exc, self.stopping)
-            return None
-        self._settled(settlement)
+            return unsent
+        self._settled(sent)
         self._outage.recovered()
         if not batch:
-            return None
+            return unsent
         self.stats.received(self.group, {stream: len(messages) for stream, messages in batch.items()})
-        with KeepClaimed(self.streams, self.group, self.name, lambda: ids_by_stream(batch),
+        await self._read_more(batch, unsent)
+        with KeepClaimed(self.streams, self.group, self.name, lambda: self._held(batch),
                          self.settings.claim_idle_ms):
             return await self.dispatcher.dispatch(self.group, self.handlers, batch, isolation)
+
+    async def _read_more(self, batch: Mapping[str, list[Message]], unsent: Settlement | None) -> None:
+        """Before handling `batch`: read the next batches ahead if it came full (the stream has a backlog), so that
+        their round trip overlaps its handling, carrying `unsent` with the first read. Otherwise write `unsent` now.
+        Read-aheads never block (a blocked read would hold back the settlements written behind it on the same
+        connection), and never while recovering or re-reading this consumer's own pending entries."""
+        settings = self.settings
+        if (settings.read_ahead and self._recovered and self._history is None and not self.stopping.is_set()
+                and any(len(messages) >= settings.batch_size for messages in batch.values())):
+            try:
+                while len(self._ahead) < settings.read_ahead:
+                    self._ahead.append(await self.channel.read_ahead(
+                        self.group, self.name, settings.batch_size, list(self.handlers), unsent, self._settled))
+                    unsent = None
+            except FastworkerError as exc:  # the connection went while writing: what it carried has an unknown fate
+                logger.debug("consumer %s group=%s: a read-ahead failed: %s", self.name, self.group, exc)
+                self._settled(unsent)
+                await self._drop_ahead()
+            return
+        if unsent is not None:
+            await self._settle_now(unsent)
+
+    async def _drop_ahead(self) -> None:
+        """After an error: forget the read-aheads still in flight and drop the connection their replies would come
+        on. What they carried has an unknown fate; the entries they read are re-read from this consumer's own
+        pending entries."""
+        if not self._ahead:
+            return
+        while self._ahead:
+            ahead = self._ahead.popleft()
+            ahead.cancel()
+            self._settled(ahead.settlement)
+        await self.channel.reset()
+        self._reread_own_pending()
+
+    def _held(self, batch: Mapping[str, list[Message]]) -> dict[str, list[str | bytes]]:
+        """The entries this consumer holds while it handles `batch`: the batch's, and those read ahead."""
+        ids = ids_by_stream(batch)
+        for ahead in self._ahead:
+            for stream, more in ahead.delivered().items():
+                ids.setdefault(stream, []).extend(more)
+        return ids
 
     async def _settle_now(self, settlement: Settlement) -> None:
         try:
@@ -221,6 +279,11 @@ class Consumer:
         if history is None:
             return {stream: self._decode(stream, entries, 1) for stream, entries in reply.items()}
         return await self._decode_history(history, reply)
+
+    async def _read_ahead(self, ahead: Ahead) -> dict[str, list[Message]]:
+        reply = await ahead.entries()
+        self.reads_ahead += bool(reply)
+        return {stream: self._decode(stream, entries, 1) for stream, entries in reply.items()}
 
     async def _recover(self, settlement: Settlement | None) -> dict[str, list[Message]]:
         """The next of this consumer's own pending entries, alone (its predecessor may have died of it)."""

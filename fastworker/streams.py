@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -32,7 +33,7 @@ from redis.retry import Retry
 from fastworker.config import Settings
 from fastworker.edge.errors import translate, translated
 from fastworker.edge.wire import Command, pack
-from fastworker.errors import FastworkerError, SettleRefused
+from fastworker.errors import FastworkerError, RedisUnavailable, SettleRefused
 from fastworker.message import RawEntry, text
 from fastworker.settlement import (
     RETRY_CONSUMER,
@@ -76,6 +77,8 @@ class Channel:
         self._url = url
         self._conn: Any = None
         self.client_id: int | None = None
+        self._ahead: deque[asyncio.Task[list[Any]]] = deque()  # replies of read-aheads still to read, in order
+        self._generation = 0  # connections dropped so far: a read-ahead's reply never comes on a new one
 
     async def _connection(self) -> Any:
         if self._conn is None:
@@ -105,18 +108,12 @@ class Channel:
                         first: Callable[[list[Any]], None] | None = None) -> list[Any]:
         """Replies in order, server errors as values. `first` is given the replies of all but the last command as
         soon as they are in: a settlement is confirmed while the blocking read sent behind it still waits."""
+        if self._ahead:  # replies to exchanges written earlier come first
+            await asyncio.wait(self._ahead)
         try:
             conn = await self._connection()
             await conn.send_packed_command(pack(commands), check_health=False)
-            replies: list[Any] = []
-            for index in range(len(commands)):
-                if first is not None and index == len(commands) - 1:
-                    first(replies)
-                try:
-                    replies.append(await conn.read_response())
-                except rex.ResponseError as exc:
-                    replies.append(exc)
-            return replies
+            return await _replies(conn, len(commands), first)
         except (rex.RedisError, OSError) as exc:
             await self.reset()
             raise translate(exc, self._url) from exc
@@ -130,29 +127,63 @@ class Channel:
         Returns the entries per stream; streams with nothing to read are absent. `on_settled` is called with the
         settlement once the server confirmed all of it, before a blocking read returns.
         """
-        settle = settlement.commands() if settlement else []
-        read: Command = ("XREADGROUP", "GROUP", group, consumer, "COUNT", count,
-                         *(("BLOCK", block_ms) if block_ms is not None else ()), "STREAMS", *ids, *ids.values())
         refused: list[Exception] = []
+        commands = [*(settlement.commands() if settlement else []), _read_command(group, consumer, ids, count,
+                                                                                   block_ms)]
+        replies = await self._exchange(commands, _confirming(settlement, refused, on_settled))
+        return await self._entries(replies[-1], settlement, refused, on_settled)
 
-        def confirm(replies: list[Any]) -> None:
-            if settlement is not None:
-                refused.extend(settlement.confirm(replies))
-                if not refused and on_settled is not None:
-                    on_settled(settlement)
+    async def read_ahead(self, group: str, consumer: str, count: int, streams: Sequence[str],
+                         settlement: Settlement | None = None,
+                         on_settled: Callable[[Settlement], None] | None = None) -> Ahead:
+        """Write `settlement` (if any) and a non-blocking XREADGROUP of new entries now, and return at once: the
+        replies are read by a task of their own as soon as they arrive, while the caller handles the batch in hand.
+        `Ahead.entries()` gives the batch, as `read` would. Exchanges written later wait for these replies."""
+        refused: list[Exception] = []
+        commands = [*(settlement.commands() if settlement else []),
+                    _read_command(group, consumer, dict.fromkeys(streams, ">"), count, None)]
+        try:
+            conn = await self._connection()
+            await conn.send_packed_command(pack(commands), check_health=False)
+        except (rex.RedisError, OSError) as exc:
+            await self.reset()
+            raise translate(exc, self._url) from exc
+        previous = self._ahead[-1] if self._ahead else None
+        task = asyncio.ensure_future(self._ahead_replies(conn, self._generation, len(commands), previous,
+                                                         _confirming(settlement, refused, on_settled)))
+        self._ahead.append(task)
+        return Ahead(self, task, settlement, refused, on_settled)
 
-        replies = await self._exchange([*settle, read], confirm)
+    async def _ahead_replies(self, conn: Any, generation: int, count: int, previous: asyncio.Future[Any] | None,
+                             first: Callable[[list[Any]], None]) -> list[Any]:
+        try:
+            if previous is not None:
+                await asyncio.wait([previous])
+            if generation != self._generation:
+                raise RedisUnavailable("the connection was lost before a read-ahead's reply came")
+            return await _replies(conn, count, first)
+        except (rex.RedisError, OSError) as exc:
+            await self.reset()
+            raise translate(exc, self._url) from exc
+        finally:
+            if self._ahead and self._ahead[0] is asyncio.current_task():
+                self._ahead.popleft()
+
+    async def _entries(self, reply: Any, settlement: Settlement | None, refused: list[Exception],
+                       on_settled: Callable[[Settlement], None] | None) -> dict[str, list[RawEntry]]:
+        """The entries of a read's reply, once the settlement sent before it is confirmed: raises SettleRefused if
+        the server refused a step of it (the entries just read then stay pending), or the read's own error."""
         if settlement is not None and refused:
             if _uncached(refused):
                 refused[:] = await self._with_script_text(settlement)
                 if not refused and on_settled is not None:
                     on_settled(settlement)
-            raise_refused(settlement, refused, self._url)  # if it raises, the entries just read stay pending
+            raise_refused(settlement, refused, self._url)
         elif settlement is not None:
             _log_skipped(settlement)
-        if isinstance(replies[-1], Exception):
-            raise translate(replies[-1], self._url)
-        return _stream_entries(replies[-1])
+        if isinstance(reply, Exception):
+            raise translate(reply, self._url)
+        return _stream_entries(reply)
 
     async def settle(self, settlement: Settlement) -> None:
         """Write a settlement on its own (the last batch before stopping, or a reclaimed batch)."""
@@ -265,16 +296,83 @@ class Channel:
         return counts
 
     async def reset(self) -> None:
-        """Drop the connection (after an error, or to abandon a blocked read); the next call reconnects."""
+        """Drop the connection (after an error, or to abandon a blocked read), and the replies of read-aheads still
+        to come with it; the next call reconnects."""
         self.client_id = None
+        self._generation += 1
+        while self._ahead:
+            waiting = self._ahead.popleft()
+            if waiting is not asyncio.current_task():
+                waiting.cancel()
         if self._conn is not None:
             await self._conn.disconnect(nowait=True)
 
     async def aclose(self) -> None:
+        self._generation += 1
+        while self._ahead:
+            self._ahead.popleft().cancel()
         if self._conn is not None:
             await self._conn.disconnect(nowait=True)
             await self._pool.release(self._conn)
             self._conn = None
+
+
+class Ahead:
+    """A settlement and a read written before the batch in hand was handled (`Channel.read_ahead`)."""
+
+    __slots__ = ("_channel", "_on_settled", "_refused", "settlement", "task")
+
+    def __init__(self, channel: Channel, task: asyncio.Task[list[Any]], settlement: Settlement | None,
+                 refused: list[Exception], on_settled: Callable[[Settlement], None] | None) -> None:
+        self._channel = channel
+        self.task = task
+        self.settlement = settlement  # written with the read: its fate is the read's
+        self._refused = refused
+        self._on_settled = on_settled
+
+    def delivered(self) -> dict[str, list[str | bytes]]:
+        """The ids of the entries the read delivered, by stream, once its reply is in (else empty): entries this
+        consumer holds although it has not started them, to keep claimed while a long batch is handled."""
+        if not self.task.done() or self.task.cancelled() or self.task.exception() is not None:
+            return {}
+        return {stream: [entry[0] for entry in entries]
+                for stream, entries in _stream_entries(self.task.result()[-1]).items()}
+
+    async def entries(self) -> dict[str, list[RawEntry]]:
+        """The batch the read brought, as `Channel.read` gives it, and raising as it would."""
+        replies = await self.task
+        return await self._channel._entries(replies[-1], self.settlement, self._refused, self._on_settled)
+
+    def cancel(self) -> None:
+        self.task.cancel()
+
+
+async def _replies(conn: Any, count: int, first: Callable[[list[Any]], None] | None) -> list[Any]:
+    replies: list[Any] = []
+    for index in range(count):
+        if first is not None and index == count - 1:
+            first(replies)
+        try:
+            replies.append(await conn.read_response())
+        except rex.ResponseError as exc:
+            replies.append(exc)
+    return replies
+
+
+def _read_command(group: str, consumer: str, ids: Mapping[str, str], count: int, block_ms: int | None) -> Command:
+    return ("XREADGROUP", "GROUP", group, consumer, "COUNT", count,
+            *(("BLOCK", block_ms) if block_ms is not None else ()), "STREAMS", *ids, *ids.values())
+
+
+def _confirming(settlement: Settlement | None, refused: list[Exception],
+                on_settled: Callable[[Settlement], None] | None) -> Callable[[list[Any]], None]:
+    """The callback that confirms `settlement` from the replies before a read's (collecting refusals in `refused`)."""
+    def confirm(replies: list[Any]) -> None:
+        if settlement is not None:
+            refused.extend(settlement.confirm(replies))
+            if not refused and on_settled is not None:
+                on_settled(settlement)
+    return confirm
 
 
 def _stream_entries(reply: Any) -> dict[str, list[RawEntry]]:
