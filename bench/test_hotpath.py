@@ -147,7 +147,7 @@ def test_build_settle_commands_with_results(benchmark: Any) -> None:
         return pack(settlement.commands())
 
     packed = benchmark(settle)
-    assert packed.split(b"\r\n", 3)[2] == b"EVAL"  # one script call settles them all
+    assert packed.split(b"\r\n", 3)[2] == b"EVALSHA"  # one script call, by digest, settles them all
 
 
 def test_dispatch_batch_to_noop_handler_traced(benchmark: Any, loop: Any) -> None:
