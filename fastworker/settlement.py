@@ -125,26 +125,61 @@ end
 return flags
 """
 
-# The same for streams whose acks delete (a handler's `delete_acked`): XACKDEL ... ACKED in place of XACK, its code
-# (ACKDEL_CODES) read as XACK's reply would be: 1 removed from this group's PEL here, 0 not. Checking the user's
-# permission for XACKDEL up front also checks that the server has it: acl_check_cmd raises on a command the server
-# does not know (Valkey 9.1, Redis 7.0), so such a server refuses the whole call before its first write.
+# The same for streams whose acks delete (a handler's `delete_acked`): the same checks first, with the permission for
+# XACKDEL ... ACKED in place of XACK's. That check also makes sure the server has XACKDEL: acl_check_cmd raises on a
+# command the server does not know (Valkey 9.1, Redis 7.0), so such a server refuses the whole call before its first
+# write. Unlike XACK's count, XACKDEL's reply has a code per id (ACKDEL_CODES), so a run's entries are acked by one
+# call (in slices of ACKDEL_SLICE ids, within unpack()'s limit) and each code decides its entry's outputs. Server CPU
+# per entry with one small result, measured on Redis 8.2.3: 2.1 us, against 3.3 us with one XACKDEL per entry and
+# 1.8 us for SETTLE_SCRIPT (which deletes nothing). Same arguments and reply as SETTLE_SCRIPT.
+ACKDEL_SLICE = 1000
+SETTLE_DELETE_BODY = """
+local i, flags = 3, {}
+while i <= #ARGV do
+  local source, entries, m = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  local outs, counts, width = {}, {}, 1
+  i = i + 3
+  for k = 1, m do
+    outs[k], counts[k] = ARGV[i], tonumber(ARGV[i + 1])
+    width = width + counts[k]
+    i = i + 2
+  end
+  local ids, codes = {}, {}
+  for j = 1, entries do ids[j] = ARGV[i + (j - 1) * width] end
+  for first = 1, entries, SLICE do
+    local last = math.min(first + SLICE - 1, entries)
+    local part = redis.call('XACKDEL', source, group, 'ACKED', 'IDS', last - first + 1, unpack(ids, first, last))
+    for j = 1, #part do codes[first + j - 1] = part[j] end
+  end
+  for j = 1, entries do
+    local acked = codes[j] == -1 and 0 or 1
+    i = i + 1
+    for k = 1, m do
+      if acked == 1 then
+        redis.call('XADD', outs[k], '*', unpack(ARGV, i, i + counts[k] - 1))
+      end
+      i = i + counts[k]
+    end
+    flags[#flags + 1] = acked
+  end
+end
+return flags
+""".replace("SLICE", str(ACKDEL_SLICE))
 
 
-def _acking_with_xackdel(script: str) -> str:
-    for xack, xackdel in (
-            ("redis.acl_check_cmd('XACK', key, group, '0-1')",
-             "redis.acl_check_cmd('XACKDEL', key, group, 'ACKED', 'IDS', '1', '0-1')"),
-            ("may not XACK ", "may not XACKDEL "),
-            ("redis.call('XACK', source, group, ARGV[i])",
-             "(redis.call('XACKDEL', source, group, 'ACKED', 'IDS', 1, ARGV[i])[1] == -1 and 0 or 1)")):
-        if script.count(xack) != 1:
-            raise RuntimeError(f"SETTLE_SCRIPT changed: update _acking_with_xackdel for {xack!r}")
-        script = script.replace(xack, xackdel)
-    return script
+def _settle_delete_script(script: str) -> str:
+    """SETTLE_SCRIPT's checks, for XACKDEL, followed by SETTLE_DELETE_BODY."""
+    checks, found, _ = script.partition("local i, flags = 3, {}")
+    for xack, xackdel in (("redis.acl_check_cmd('XACK', key, group, '0-1')",
+                           "redis.acl_check_cmd('XACKDEL', key, group, 'ACKED', 'IDS', '1', '0-1')"),
+                          ("may not XACK ", "may not XACKDEL ")):
+        if not found or checks.count(xack) != 1:
+            raise RuntimeError(f"SETTLE_SCRIPT changed: update _settle_delete_script for {xack!r}")
+        checks = checks.replace(xack, xackdel)
+    return checks + SETTLE_DELETE_BODY.lstrip("\n")
 
 
-SETTLE_DELETE_SCRIPT = _acking_with_xackdel(SETTLE_SCRIPT)
+SETTLE_DELETE_SCRIPT = _settle_delete_script(SETTLE_SCRIPT)
 
 # The end of one large entry's transaction: MULTI, XADD of each output (sent by the client, so no unpack limit),
 # then this script, then EXEC. EXEC runs it all with nothing in between, so an output stream's newest entries are
