@@ -114,8 +114,9 @@ class App:
         acknowledged it (XACKDEL ... ACKED, Redis 8.2+), so the stream's memory stays flat without trimming. Entries
         another group has not read or acknowledged yet stay until it has, and a group that acknowledges with plain
         XACK (no `delete_acked`, or another program) leaves behind the entries it acknowledges last: give every
-        group of the stream the option. Dead letters and results are kept. On a server without XACKDEL the worker
-        says so once at start and acknowledges with XACK: the entries stay, for the trim (`--trim-interval-s`).
+        group of the stream the option. A reader without a group (plain XREAD) is not waited for. Dead letters and
+        results are kept. On a server without XACKDEL the worker says so once at start and acknowledges with XACK:
+        the entries stay, for the trim (`--trim-interval-s`).
         """
         if not stream or not group:
             raise ValueError("a handler needs a stream and a group")
