@@ -8,6 +8,7 @@ the reply), and the predicates below say what an error reply means, for callers 
 
 from __future__ import annotations
 
+import dataclasses
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -112,3 +113,75 @@ def is_no_permission(exc: BaseException) -> bool:
 def is_wrong_type(exc: BaseException) -> bool:
     """Whether `exc` (redis-py's, or already translated) is the server's WRONGTYPE: the key holds another type."""
     return isinstance(exc, rex.ResponseError | RedisCommandError) and "WRONGTYPE" in str(exc)
+
+
+# --- cluster replies: which refusals a client may send again, and where to -----------------------------------------
+# A MOVED, ASK, TRYAGAIN or CLUSTERDOWN reply means the server did not run the command: sending it again (to the
+# node named, or later) cannot apply it twice. CROSSSLOT is a refusal too, but sending it again cannot cure it.
+
+
+class ClusterRedirectError(RedisCommandError):
+    """The cluster kept refusing a command (MOVED, ASK, TRYAGAIN or CLUSTERDOWN) after every re-send allowed: the
+    slot map did not settle (a migration or failover outlasting the wait). Nothing of the refused commands was
+    applied."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Redirect:
+    """Where a MOVED or ASK reply sends a command: `slot` (0..16383) now served (MOVED) or being imported (ASK) by
+    `host`:`port`. `host` is "" when the server left it out (the node's own address: ask the same host)."""
+
+    slot: int
+    host: str
+    port: int
+    ask: bool  # ASK: for this command only, after ASKING; MOVED: the slot map changed
+
+
+def is_moved(exc: BaseException) -> bool:
+    """Whether `exc` is a MOVED reply: the slot is served by another node; the command was not run."""
+    return isinstance(exc, rex.MovedError) or _has_code(exc, "MOVED")
+
+
+def is_ask(exc: BaseException) -> bool:
+    """Whether `exc` is an ASK reply: the key is migrating; run the command on the named node after ASKING."""
+    return (isinstance(exc, rex.AskError) and not isinstance(exc, rex.MovedError)) or _has_code(exc, "ASK")
+
+
+def is_try_again(exc: BaseException) -> bool:
+    """Whether `exc` is TRYAGAIN: a multi-key command met a slot in migration; it was not run."""
+    return isinstance(exc, rex.TryAgainError) or _has_code(exc, "TRYAGAIN")
+
+
+def is_cluster_down(exc: BaseException) -> bool:
+    """Whether `exc` is CLUSTERDOWN: the node does not serve the slot now (a failover under way, slots uncovered);
+    the command was not run."""
+    return isinstance(exc, rex.ClusterDownError) or _has_code(exc, "CLUSTERDOWN")
+
+
+def is_cross_slot(exc: BaseException) -> bool:
+    """Whether `exc` is CROSSSLOT: the command's keys hash to different slots; nothing was run, and sending it
+    again cannot help (the keys must share a hash tag)."""
+    return isinstance(exc, rex.ClusterCrossSlotError) or _has_code(exc, "CROSSSLOT")
+
+
+def is_refused_by_cluster(exc: BaseException) -> bool:
+    """Whether `exc` is a refusal that a re-send may cure (MOVED, ASK, TRYAGAIN, CLUSTERDOWN): the command was not
+    run, so sending it again cannot apply it twice."""
+    return is_moved(exc) or is_ask(exc) or is_try_again(exc) or is_cluster_down(exc)
+
+
+def redirect_target(exc: BaseException) -> Redirect | None:
+    """The target of a MOVED or ASK reply (`MOVED 3999 127.0.0.1:6381`, `ASK 3999 [::1]:6381`, `MOVED 3999 :6381`),
+    None for any other error or a malformed one."""
+    if not (is_moved(exc) or is_ask(exc)):
+        return None
+    text = str(exc).split(" ", 1)[1] if str(exc).startswith(("MOVED ", "ASK ")) else str(exc)
+    slot, _, address = text.strip().partition(" ")
+    host, _, port = address.rpartition(":")
+    if not (slot.isdigit() and port.isdigit()):
+        return None
+    return Redirect(int(slot), host.strip("[]"), int(port), ask=is_ask(exc))
+
+
+def _has_code(exc: BaseException, code: str) -> bool:
+    return isinstance(exc, rex.ResponseError) and str(exc).startswith(code + " ")

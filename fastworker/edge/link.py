@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
+import redis.asyncio as aioredis
 import redis.exceptions as rex
 
 from fastworker.edge.errors import translate
@@ -43,9 +44,16 @@ class Link:
     Not safe to share between tasks: one sender, one reader, in order.
     """
 
-    def __init__(self, streams: Streams) -> None:
-        self._pool = streams.redis.connection_pool
-        self.url = streams.url
+    def __init__(self, streams: Streams | None = None, *, pool: aioredis.ConnectionPool | None = None,
+                 url: str = "") -> None:
+        """On the pool of `streams`, or on `pool` (a redis-py asyncio ConnectionPool: a cluster node's) with `url`
+        naming its server in errors."""
+        if streams is not None:
+            pool = streams.redis.connection_pool
+        if pool is None:
+            raise ValueError("a Link needs streams or a pool")
+        self._pool: aioredis.ConnectionPool = pool
+        self.url = url if streams is None else streams.url
         self._conn: Any = None
         self._reader = ReplyReader()
         self._timeout_s: float | None = None
