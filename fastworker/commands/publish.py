@@ -1,8 +1,9 @@
 """`fastworker publish STREAM`: publish one entry from flags, or many from a file or stdin of JSON lines.
 
 Bulk input is read, validated and published one line at a time through `Publisher.publish_stream`, so memory stays
-flat for any input size. Each line's JSON text is published as it was written (it is parsed only to validate it).
-A malformed line stops the publish: every line before it is published, none after it, and the error names the line.
+flat for any input size. Each line's JSON text is published as it was written (it is parsed only to validate it,
+and to read the `--key` field). A malformed line, or one without the `--key` field, stops the publish: every line
+before it is published, none after it, and the error names the line.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from typing import IO, Any
 import orjson
 import uvloop
 
-from fastworker.cli import UsageError, add_connection_flags, settings_from_args
+from fastworker.cli import UsageError, add_connection_flags, at_least, settings_from_args
 from fastworker.commands.output import colours
 from fastworker.errors import ExitCode, FastworkerError
-from fastworker.publisher import Publisher
+from fastworker.partitions import MAX_PARTITIONS
+from fastworker.publisher import Entry, KeyValue, Publisher
 
 PROGRESS_INTERVAL_S = 0.2
 
@@ -31,9 +33,22 @@ input:
   --field adds its fields to every entry. A malformed line stops the publish with an error naming the line:
   every line before it is published, none after it (use --check to validate a file without publishing).
 
+partitions:
+  A stream whose partition count is recorded on the server (STREAM:fw-partitions) is published to its
+  partitions: --key FIELD names the JSON document's field (or a --field) whose value (a string or an integer,
+  e.g. shop_id) picks each entry's partition, so one shop's entries stay in order in one partition; without
+  --key the partitions take turns. --partitions N records N when no count is recorded, and stops with an
+  error when another count is. On a cluster each partition's entries go to its master.
+
 output:
   the entry ids, one per line, in input order (with --quiet only their count); a progress line on stderr
-  when it is a terminal.
+  when it is a terminal. The ids of a partitioned stream's entries are ids in their partition's stream.
+
+exit codes:
+  0 published; 1 a line is malformed or has no --key field (the lines before it are published), or the
+  server refused an entry; 2 a bad command line; 3 --partitions differs from the count the server records;
+  5 the server cannot be reached, or a reply was lost (the error says how many entries were confirmed;
+  none is sent again); 6 credentials or a permission refused; 9 the server's certificate does not verify.
 """
 
 
@@ -41,13 +56,35 @@ class InputError(FastworkerError):
     """The input to publish is malformed (a line of a JSON lines file, for one)."""
 
 
-def _json(text: str) -> orjson.Fragment:
-    """The document, validated, as a Fragment: published as written (and `null` stays a document, not "none")."""
+def _json(text: str) -> str:
+    """The document's text, validated: published as written (and `null` stays a document, not "none")."""
     try:
         orjson.loads(text)
     except orjson.JSONDecodeError as exc:
         raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
-    return orjson.Fragment(text.strip())
+    return text.strip()
+
+
+def _partitions(text: str) -> int:
+    count = at_least(1)(text)
+    if count > MAX_PARTITIONS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_PARTITIONS}, got {count}")
+    return count
+
+
+def _key_value(document: Any, name: str, fields: dict[str, str]) -> KeyValue:
+    """The value of the `--key` field: the document's top-level member `name`, else the `--field` of that name.
+    ValueError naming what is wrong when there is none, or it is not a string or an integer."""
+    if isinstance(document, dict) and name in document:
+        value = document[name]
+    elif name in fields:
+        value = fields[name]
+    else:
+        raise ValueError(f"no field {name!r} to pick the partition by (--key {name})")
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise ValueError(f"the --key field {name!r} is {orjson.dumps(value).decode()[:40]}: it must be a string or an "
+                     "integer")
 
 
 def _field(text: str) -> tuple[str, str]:
@@ -68,6 +105,11 @@ def register(sub: Any) -> None:
     source.add_argument("--file", metavar="PATH", help="a file of JSON lines, one entry per line; - for stdin")
     parser.add_argument("--field", type=_field, action="append", default=[], metavar="NAME=VALUE",
                         help="a flat field (repeatable); with --file, added to every entry")
+    parser.add_argument("--key", metavar="FIELD",
+                        help="the field whose value picks each entry's partition, e.g. shop_id (see partitions)")
+    parser.add_argument("--partitions", type=_partitions, metavar="N",
+                        help=f"the stream's partition count (1..{MAX_PARTITIONS}): recorded when none is, checked "
+                             "when one is")
     parser.add_argument("--check", action="store_true",
                         help="with --file: validate every line and print how many entries it holds; publish nothing")
     parser.add_argument("--quiet", "-q", action="store_true", help="print only the number of entries published")
@@ -83,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--check needs --file")
     if args.check:
         with _open(args.file) as lines:
-            print(sum(1 for _ in _payloads(lines, args.file, checking=True)))
+            print(sum(1 for _ in _payloads(lines, args.file, checking=True, key=args.key, fields=fields)))
         return ExitCode.OK
     settings, _ = settings_from_args(args)
     return int(uvloop.run(_publish(args, settings, fields)))
@@ -92,21 +134,32 @@ def run(args: argparse.Namespace) -> int:
 async def _publish(args: argparse.Namespace, settings: Any, fields: dict[str, str]) -> int:
     async with Publisher(settings) as publisher:
         if args.file is None:
-            entry_id = await publisher.publish(args.stream, args.json, fields=fields)
+            document = None if args.json is None else orjson.Fragment(args.json)
+            entry_id = await publisher.publish(args.stream, document, fields=fields, key=_single_key(args, fields),
+                                               partitions=args.partitions)
             print(1 if args.quiet else entry_id)
             return ExitCode.OK
         progress = Progress(sys.stderr) if sys.stderr.isatty() else None
         with _open(args.file) as lines:
             try:
                 count = await publisher.publish_stream(
-                    args.stream, _payloads(lines, args.file), fields=fields,
-                    on_ids=None if args.quiet else IdPrinter(), on_progress=progress)
+                    args.stream, _payloads(lines, args.file, key=args.key, fields=fields), fields=fields,
+                    partitions=args.partitions, on_ids=None if args.quiet else IdPrinter(), on_progress=progress)
             finally:
                 if progress is not None:
                     progress.close()
     if args.quiet:
         print(count)
     return ExitCode.OK
+
+
+def _single_key(args: argparse.Namespace, fields: dict[str, str]) -> KeyValue | None:
+    if args.key is None:
+        return None
+    try:
+        return _key_value(None if args.json is None else orjson.loads(args.json), args.key, fields)
+    except ValueError as exc:
+        raise InputError(f"cannot publish the entry: {exc}") from None
 
 
 class IdPrinter:
@@ -134,8 +187,10 @@ def _open(path: str) -> IO[bytes]:
         raise InputError(f"cannot read {path}: {exc.strerror}") from None
 
 
-def _payloads(lines: IO[bytes], name: str, checking: bool = False) -> Iterator[orjson.Fragment]:
-    """Each non-blank line, validated, as a Fragment: its JSON text is published as written, not re-encoded."""
+def _payloads(lines: IO[bytes], name: str, checking: bool = False, key: str | None = None,
+              fields: dict[str, str] | None = None) -> Iterator[orjson.Fragment | Entry]:
+    """Each non-blank line, validated, as a Fragment: its JSON text is published as written, not re-encoded. With
+    `key`, an Entry of that Fragment carrying the value of its `key` field."""
     where = "stdin" if name == "-" else name
     published = 0
     outcome = "" if checking else "; the {} entries before it were published, none from this line on"
@@ -144,11 +199,19 @@ def _payloads(lines: IO[bytes], name: str, checking: bool = False) -> Iterator[o
         if not text:
             continue
         try:
-            orjson.loads(text)
+            document = orjson.loads(text)
         except orjson.JSONDecodeError as exc:
             raise InputError(f"{where}, line {number}: not valid JSON ({exc}){outcome.format(published)}") from None
+        if key is None:
+            published += 1
+            yield orjson.Fragment(text)
+            continue
+        try:
+            value = _key_value(document, key, fields or {})
+        except ValueError as exc:
+            raise InputError(f"{where}, line {number}: {exc}{outcome.format(published)}") from None
         published += 1
-        yield orjson.Fragment(text)
+        yield Entry(orjson.Fragment(text), key=value)
 
 
 class Progress:
