@@ -219,6 +219,8 @@ class Router:
         self._socket_timeout_s = kwargs.get("socket_timeout")
         self.retry_window_s = retry_window_s
         self._refreshing: asyncio.Lock = asyncio.Lock()
+        # refusals met so far, by kind ("moved", "ask", "wait": TRYAGAIN, CLUSTERDOWN, a connection refused)
+        self.redirects: dict[str, int] = {"moved": 0, "ask": 0, "wait": 0}
 
     @classmethod
     async def discover(cls, streams: Streams, *, retry_window_s: float = RETRY_WINDOW_S) -> Router:
@@ -252,6 +254,12 @@ class Router:
     def node_for(self, slot: int) -> Node | None:
         """The node serving `slot` as the map last read says; None when no master serves it."""
         return self._map.node_for(slot) if self._map is not None else self._standalone
+
+    def assign(self, slot: int, node: Node) -> None:
+        """Take `slot` for served by `node` until a MOVED reply or a refresh says otherwise, as a MOVED reply does
+        (for tests: a stale map on purpose). No effect on a standalone router."""
+        if self._map is not None:
+            self._map.move(slot, node)
 
     def pool(self, node: Node) -> aioredis.ConnectionPool:
         """The connection pool of `node`: the URL's own on a standalone server, else one per node, made once."""
@@ -391,6 +399,7 @@ class Router:
                 else:  # refused before anything was written: a node down or restarting, as in a failover
                     again += done.indexes
                     wait = True
+                    self.redirects["wait"] += 1
                 continue
             if done.trailer is not NO_REPLY:
                 result.trailers[done.node] = done.trailer
@@ -402,6 +411,8 @@ class Router:
                 again.append(index)
                 result.replies[index] = reply  # kept should the re-sends run out
                 target = redirect_target(reply)
+                kind = "wait" if target is None else "ask" if target.ask else "moved"
+                self.redirects[kind] += 1
                 if target is None:
                     wait = True
                 elif target.ask:
