@@ -308,6 +308,19 @@ async def test_a_lost_reply_is_not_sent_again(server: EmbeddedServer, rc: aiored
     assert len(seqs) == len(set(seqs)) and 100 <= len(seqs) <= int(sent.group(2))  # none twice, none re-sent
 
 
+async def test_a_user_without_info_or_cluster_publishes_to_a_standalone_server(server: EmbeddedServer,
+                                                                              r: redis.Redis, uid: str) -> None:
+    r.execute_command("ACL", "SETUSER", f"{uid}-app", "reset", "on", ">secret", f"~{uid}*", "+@all", "-info",
+                      "-cluster")
+    try:
+        async with Publisher(f"redis://{uid}-app:secret@127.0.0.1:{server.port}/0") as pub:
+            await pub.publish_many(uid, _jobs(20), key="shop_id", partitions=2)
+            assert not (await pub.router()).cluster
+    finally:
+        r.execute_command("ACL", "DELUSER", f"{uid}-app")
+    assert sum(r.xlen(key) for key in Partitioning(uid, 2).keys) == 20
+
+
 def test_cli_publish_key_and_partitions(capsys: pytest.CaptureFixture[str], server: EmbeddedServer,
                                         r: redis.Redis, uid: str, tmp_path: Any) -> None:
     lines = tmp_path / "jobs.jsonl"

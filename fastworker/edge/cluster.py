@@ -224,21 +224,18 @@ class Router:
 
     @classmethod
     async def discover(cls, streams: Streams, *, retry_window_s: float = RETRY_WINDOW_S) -> Router:
-        """A router for the server `streams` reaches: INFO cluster tells whether it is a cluster node (a user
-        without INFO is probed with CLUSTER SHARDS instead); on a cluster the slot map is read at once. Raises
-        RedisUnavailable, RedisAuthError, RedisTLSError, RedisCommandError."""
+        """A router for the server `streams` reaches: INFO cluster tells whether it is a cluster node; where INFO is
+        refused (an ACL user without it), CLUSTER SHARDS or SLOTS is tried, and a server that refuses those too is
+        taken for a standalone one. On a cluster the slot map is read at once. Raises RedisUnavailable,
+        RedisAuthError (the connection refused), RedisTLSError, RedisCommandError (the slot map unreadable)."""
+        router = cls(streams, None, retry_window_s=retry_window_s)
         async with Link(streams) as link:
             [info] = await link.exchange([("INFO", "cluster")])
-            if isinstance(info, Exception) and not is_no_permission(info):
-                raise translate(info, streams.url)
-            enabled = b"cluster_enabled:1" in info if isinstance(info, bytes) else None
-            if enabled is False:
-                return cls(streams, None, retry_window_s=retry_window_s)
-            router = cls(streams, None, retry_window_s=retry_window_s)
-            rows = await router._read_map(link, probing=enabled is None)
-        if rows is None:
-            return router
-        router._map = SlotMap(rows)
+            if isinstance(info, bytes) and b"cluster_enabled:1" not in info:
+                return router
+            rows = await router._read_map(link, probing=not isinstance(info, bytes))
+        if rows is not None:
+            router._map = SlotMap(rows)
         return router
 
     @property
@@ -289,18 +286,19 @@ class Router:
     # -- the slot map
 
     async def _read_map(self, link: Link, probing: bool = False) -> list[tuple[int, int, Node]] | None:
-        """The slot map as `link`'s node sees it; None when `probing` finds cluster support disabled."""
+        """The slot map as `link`'s node sees it. When `probing` (INFO was refused), None where the server has
+        cluster support disabled or refuses both commands (taken for a standalone server)."""
         [shards] = await link.exchange([("CLUSTER", "SHARDS")])
         if not isinstance(shards, Exception):
             return parse_shards(shards, self._seed_host, self._tls)
         if probing and "cluster support disabled" in str(shards):
             return None
         [slots] = await link.exchange([("CLUSTER", "SLOTS")])  # servers before Redis 7.0 have no SHARDS
-        if isinstance(slots, Exception):
-            if probing and "cluster support disabled" in str(slots):
-                return None
-            raise translate(slots, link.url)
-        return parse_slots(slots, self._seed_host)
+        if not isinstance(slots, Exception):
+            return parse_slots(slots, self._seed_host)
+        if probing and ("cluster support disabled" in str(slots) or is_no_permission(slots)):
+            return None
+        raise translate(slots, link.url)
 
     async def refresh(self) -> None:
         """Read the slot map again, from the first master that answers (then the URL's server). Tasks that ask
