@@ -346,7 +346,10 @@ class _Placement:
             value = item[source] if type(item) is dict and source in item else _field_value(item, source)
         else:
             value = source(item)  # type: ignore[operator]
-        known = self._known.get(value) if type(value) is not bool else None
+        kind = type(value)
+        if kind is not str and kind is not int and kind is not bytes:  # 1.0 == 1, True == 1: never from the cache
+            return key_slot(_key_bytes(value)) % count
+        known = self._known.get(value)
         if known is None:
             known = key_slot(_key_bytes(value)) % count
             if len(self._known) >= self.CACHE_SIZE:

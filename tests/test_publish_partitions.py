@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import hiredis
 import orjson
 import pytest
 import redis
@@ -19,6 +20,7 @@ from bench.faultproxy import FaultProxy
 from fastworker import EmbeddedServer, RedisUnavailable
 from fastworker.config import Settings
 from fastworker.edge.cluster import (
+    NO_REPLY,
     Node,
     Router,
     SlotMap,
@@ -29,6 +31,7 @@ from fastworker.edge.cluster import (
     parse_slots,
 )
 from fastworker.edge.errors import (
+    ClusterRedirectError,
     is_ask,
     is_cluster_down,
     is_cross_slot,
@@ -160,6 +163,113 @@ def test_backoff_is_jittered_and_bounded(attempt: int) -> None:
     assert all(ceiling / 2 <= delay <= ceiling for delay in delays)
 
 
+# -- exchanges against scripted nodes: what is sent again, and what is not ----------------------------------------
+
+A, B = Node("127.0.0.1", 1), Node("127.0.0.1", 2)  # port 1 and 2 refuse connections: a map refresh finds no node
+Answer = Callable[[Node, list[bytes]], Any]  # a node's reply to one command (an exception: the connection fails)
+
+
+class ScriptedLinks:
+    """Stands in for `Router.links()`: each node answers each command it is sent with `answer(node, command)`,
+    where an exception raised is an I/O failure after the send. `sent` logs (node, command) in order."""
+
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+        self.sent: list[tuple[Node, list[bytes]]] = []
+
+    async def get(self, node: Node) -> ScriptedLink:
+        return ScriptedLink(self, node)
+
+    async def aclose(self, *, discard: bool = False) -> None:
+        return None
+
+
+class ScriptedLink:
+    def __init__(self, links: ScriptedLinks, node: Node) -> None:
+        self.links, self.node, self.commands = links, node, list[list[bytes]]()
+
+    async def send(self, data: bytes) -> None:
+        reader = hiredis.Reader()
+        reader.feed(data)
+        while (command := reader.gets()) is not False:
+            self.commands.append(command)
+            self.links.sent.append((self.node, command))
+
+    async def replies(self, count: int) -> list[Any]:
+        commands, self.commands = self.commands[:count], self.commands[count:]
+        return [b"OK" if command == [b"ASKING"] else self.links.answer(self.node, command) for command in commands]
+
+
+def _xadds(*slots: int) -> list[tuple[int, bytes]]:
+    return [(slot, pack([("XADD", f"s{index}", "*", "n", index)])) for index, slot in enumerate(slots)]
+
+
+def _scripted(router: Router, answer: Answer, routed: list[tuple[int, bytes]]) -> tuple[Any, ScriptedLinks]:
+    links = ScriptedLinks(answer)
+    return asyncio.run(router.exchange(routed, links)), links  # type: ignore[arg-type]
+
+
+def _sent_keys(links: ScriptedLinks) -> list[tuple[int, bytes]]:
+    return [(node.port, command[1]) for node, command in links.sent if command != [b"ASKING"]]
+
+
+def test_exchange_resends_only_the_commands_refused_with_tryagain() -> None:
+    router = _router([(0, 8191, A), (8192, 16383, B)])
+    refused = {b"s1"}
+
+    def answer(node: Node, command: list[bytes]) -> Any:
+        if command[1] in refused:
+            refused.discard(command[1])
+            return reply_error("TRYAGAIN Multiple keys request during rehashing of slot")
+        return b"1-%s" % command[1][1:]
+
+    result, links = _scripted(router, answer, _xadds(10, 20, 9000))
+    assert result.replies == [b"1-0", b"1-1", b"1-2"] and result.lost == 0
+    assert _sent_keys(links) == [(1, b"s0"), (1, b"s1"), (2, b"s2"), (1, b"s1")]
+    assert router.redirects["wait"] == 1
+
+
+def test_exchange_follows_moved_and_ask_to_the_named_node() -> None:
+    router = _router([(0, 16383, A)])
+
+    def answer(node: Node, command: list[bytes]) -> Any:
+        if node == A and command[1] == b"s0":
+            return reply_error("MOVED 10 127.0.0.1:2")
+        if node == A and command[1] == b"s1":
+            return reply_error("ASK 20 127.0.0.1:2")
+        return b"id-" + command[1]
+
+    result, links = _scripted(router, answer, _xadds(10, 20, 30))
+    assert result.replies == [b"id-s0", b"id-s1", b"id-s2"] and result.nodes == [B, B, A]
+    assert [command for node, command in links.sent if node == B] == [
+        [b"XADD", b"s0", b"*", b"n", b"0"], [b"ASKING"], [b"XADD", b"s1", b"*", b"n", b"1"]]
+    assert router.node_for(10) == B and router.node_for(20) == A  # MOVED changes the map, ASK does not
+
+
+def test_exchange_waits_out_clusterdown_then_gives_up_after_its_window() -> None:
+    router = _router([(0, 16383, A)])
+    router.retry_window_s = 0.05
+    result, links = _scripted(router, lambda node, command: reply_error("CLUSTERDOWN The cluster is down"),
+                              _xadds(10, 20))
+    assert all(isinstance(reply, ClusterRedirectError) for reply in result.replies)
+    assert "CLUSTERDOWN" in str(result.replies[0]) or "cluster is down" in str(result.replies[0])
+    assert len(links.sent) >= 4 and result.lost == 0  # sent more than once: each time, the server ran nothing
+
+
+def test_exchange_never_resends_a_command_whose_reply_was_lost() -> None:
+    router = _router([(0, 8191, A), (8192, 16383, B)])
+
+    def answer(node: Node, command: list[bytes]) -> Any:
+        if node == A:  # the connection drops after the commands went out: were they applied? Unknown.
+            raise RedisUnavailable("cannot reach the server: Connection closed by server.")
+        return b"ok"
+
+    result, links = _scripted(router, answer, _xadds(10, 20, 9000))
+    assert isinstance(result.error, RedisUnavailable) and (result.lost, result.unsent) == (2, 0)
+    assert result.replies == [NO_REPLY, NO_REPLY, b"ok"]  # the other master's reply still counts
+    assert _sent_keys(links) == [(1, b"s0"), (1, b"s1"), (2, b"s2")]  # once each, never again
+
+
 # -- placement and grouping -------------------------------------------------------------------------------------
 
 
@@ -205,6 +315,9 @@ def test_a_payload_without_its_key_is_a_payload_error() -> None:
         encoder.add({"other": 1})
     with pytest.raises(PayloadError, match="must be a str, bytes or int, not NoneType"):
         encoder.add({"shop_id": None})
+    encoder.add({"shop_id": 1})
+    with pytest.raises(PayloadError, match="not float"):  # equal to 1, yet not a key the app would send
+        encoder.add({"shop_id": 1.0})
 
 
 # -- on the standalone server -----------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from fastworker.edge.errors import (
 )
 from fastworker.edge.link import Link
 from fastworker.edge.wire import Command, pack
-from fastworker.errors import FastworkerError, RedisCommandError, RedisUnavailable
+from fastworker.errors import FastworkerError, RedisCommandError, RedisTLSError, RedisUnavailable
 from fastworker.partitions import SLOTS
 from fastworker.streams import Streams
 
@@ -199,6 +199,7 @@ class _Round:
     trailer: Any = NO_REPLY
     error: FastworkerError | None = None
     sent: bool = False  # False: the connection failed before a byte was written (nothing can have been applied)
+    final: bool = False  # a refusal a re-send cannot cure (credentials, TLS): the exchange stops
 
 
 class Router:
@@ -391,8 +392,9 @@ class Router:
         again, asking, moved, wait = list(uncovered), dict[int, Node](), False, bool(uncovered)
         for done in rounds:
             if done.error is not None:
-                if done.sent:
-                    result.lost += len(done.indexes)
+                if done.sent or done.final:
+                    result.lost += len(done.indexes) if done.sent else 0
+                    again += [] if done.sent else done.indexes
                     result.error = result.error or done.error
                 else:  # refused before anything was written: a node down or restarting, as in a failover
                     again += done.indexes
@@ -450,8 +452,8 @@ class Router:
             parts.append(trailer)
         try:
             link = await links.get(node)
-        except RedisUnavailable as exc:
-            done.error = exc
+        except FastworkerError as exc:
+            done.error, done.final = exc, not isinstance(exc, RedisUnavailable) or isinstance(exc, RedisTLSError)
             return done
         done.sent = True
         try:
