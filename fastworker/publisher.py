@@ -30,10 +30,10 @@ import uvloop
 from fastworker.config import Settings
 from fastworker.edge.admin import Admin
 from fastworker.edge.cluster import Exchange, Node, Routed, Router
-from fastworker.edge.errors import is_wrong_type, translate
+from fastworker.edge.errors import is_no_permission, is_wrong_type, translate
 from fastworker.edge.link import Link
 from fastworker.edge.wire import argument, head, pack
-from fastworker.errors import FastworkerError, RedisCommandError
+from fastworker.errors import FastworkerError, RedisAuthError, RedisCommandError
 from fastworker.message import DEFAULT_PAYLOAD_FIELD, FieldValue, text
 from fastworker.partitions import Partitioning, RoundRobin, key_slot, parse_record
 from fastworker.streams import Streams
@@ -635,7 +635,17 @@ class Publisher:
         parts = Partitioning(stream, partitions or 1)
         command = parts.read_command() if partitions is None else parts.record_command()
         router = await self.router()
-        reply = await router.command(key_slot(parts.record_key), command)
+        try:
+            reply = await router.command(key_slot(parts.record_key), command)
+        except RedisAuthError as exc:
+            if partitions is not None or not is_no_permission(exc.__cause__ or exc):
+                raise
+            # A producer whose ACL predates partitions (`+xadd` alone) keeps publishing as it did; said once.
+            logger.warning("cannot read the partition record of stream=%s (%s): publishing to the stream itself, "
+                           "as one partition; grant this user +get on key=%s so that a partitioned stream is "
+                           "published to its partitions", stream, exc, parts.record_key)
+            self._counts[stream] = 1
+            return 1
         recorded = parse_record(stream, reply) if partitions is None else parts.check_record(reply)
         if recorded is None and partitions is None:
             self._absent[stream] = time.monotonic()

@@ -42,7 +42,7 @@ from fastworker.edge.errors import (
     reply_error,
 )
 from fastworker.edge.wire import pack
-from fastworker.errors import ExitCode, PartitionMismatch
+from fastworker.errors import ExitCode, PartitionMismatch, RedisAuthError
 from fastworker.localcluster import LocalCluster
 from fastworker.partitions import Partitioning, RoundRobin, key_slot, partition_for
 from fastworker.publisher import Entry, PayloadError, Publisher, ReplicationError, _Placement, _RoutedEncoder
@@ -432,6 +432,20 @@ async def test_a_user_without_info_or_cluster_publishes_to_a_standalone_server(s
     finally:
         r.execute_command("ACL", "DELUSER", f"{uid}-app")
     assert sum(r.xlen(key) for key in Partitioning(uid, 2).keys) == 20
+
+
+async def test_a_producer_allowed_xadd_alone_publishes_to_the_stream_itself(server: EmbeddedServer, r: redis.Redis,
+                                                                            uid: str) -> None:
+    """An ACL written before partitions (`+xadd`) keeps working, as one partition; declaring a count needs more."""
+    r.execute_command("ACL", "SETUSER", f"{uid}-xadd", "reset", "on", ">secret", f"~{uid}*", "+xadd")
+    try:
+        async with Publisher(f"redis://{uid}-xadd:secret@127.0.0.1:{server.port}/0") as pub:
+            assert len(await pub.publish_many(uid, _jobs(5), key="shop_id")) == 5
+            with pytest.raises(RedisAuthError, match="no permissions to run the 'set' command"):
+                await pub.publish(f"{uid}-other", {"seq": 0}, partitions=2)
+    finally:
+        r.execute_command("ACL", "DELUSER", f"{uid}-xadd")
+    assert r.xlen(uid) == 5
 
 
 def test_cli_publish_key_and_partitions(capsys: pytest.CaptureFixture[str], server: EmbeddedServer,

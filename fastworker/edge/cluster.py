@@ -225,16 +225,17 @@ class Router:
 
     @classmethod
     async def discover(cls, streams: Streams, *, retry_window_s: float = RETRY_WINDOW_S) -> Router:
-        """A router for the server `streams` reaches: INFO cluster tells whether it is a cluster node; where INFO is
-        refused (an ACL user without it), CLUSTER SHARDS or SLOTS is tried, and a server that refuses those too is
-        taken for a standalone one. On a cluster the slot map is read at once. Raises RedisUnavailable,
-        RedisAuthError (the connection refused), RedisTLSError, RedisCommandError (the slot map unreadable)."""
+        """A router for the server `streams` reaches. HELLO without arguments (Redis 6.2+, Valkey; every ACL user
+        may run it, and the protocol stays as it is) says `mode` cluster or standalone; older servers are asked
+        INFO cluster, and where that is refused, CLUSTER SHARDS or SLOTS (a server refusing those too is taken for
+        a standalone one). On a cluster the slot map is read at once. Raises RedisUnavailable, RedisAuthError (the
+        connection refused), RedisTLSError, RedisCommandError (the slot map unreadable)."""
         router = cls(streams, None, retry_window_s=retry_window_s)
         async with Link(streams) as link:
-            [info] = await link.exchange([("INFO", "cluster")])
-            if isinstance(info, bytes) and b"cluster_enabled:1" not in info:
+            mode = await _mode(link)
+            if mode == "standalone":
                 return router
-            rows = await router._read_map(link, probing=not isinstance(info, bytes))
+            rows = await router._read_map(link, probing=mode is None)
         if rows is not None:
             router._map = SlotMap(rows)
         return router
@@ -328,7 +329,8 @@ class Router:
 
     async def command(self, slot: int, command: Command) -> Any:
         """One command on the node serving `slot`, with the redirections handled; its reply (a server error
-        raised, translated). Raises RedisUnavailable when its reply was lost (it may have been applied)."""
+        raised, translated, with the server's error as its `__cause__`). Raises RedisUnavailable when its reply was
+        lost (it may have been applied)."""
         links = self.links()
         try:
             result = await self.exchange([(slot, pack([command]))], links)
@@ -338,7 +340,7 @@ class Router:
             raise result.error
         [reply] = result.replies
         if isinstance(reply, Exception):
-            raise translate(reply, self.url)
+            raise translate(reply, self.url) from reply  # the server's own error stays readable as the cause
         return reply
 
     async def exchange(self, routed: Sequence[Routed], links: Links, trailer: bytes | None = None) -> Exchange:
@@ -466,6 +468,17 @@ class Router:
             done.trailer = replies.pop()
         done.replies = _without_asking(replies, [index in asking for index in indexes]) if asking else replies
         return done
+
+
+async def _mode(link: Link) -> str | None:
+    """"cluster" or "standalone" as the server says (HELLO, else INFO cluster); None when it will not say."""
+    [hello] = await link.exchange([("HELLO",)])
+    if not isinstance(hello, Exception):
+        return _text(_pairs(hello).get(b"mode", b""))
+    [info] = await link.exchange([("INFO", "cluster")])
+    if isinstance(info, bytes):
+        return "cluster" if b"cluster_enabled:1" in info else "standalone"
+    return None
 
 
 def _without_asking(replies: list[Any], asked: list[bool]) -> list[Any]:
