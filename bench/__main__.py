@@ -65,25 +65,41 @@ def run_fastworker(url: str, app: str, stream: str, group: str, n: int, processe
     return seconds, rss
 
 
+# The handlers of the fleet rows: a no-op; one small result per entry (the settle script's cost per result, nothing
+# else); the demo's handlers (typed payloads, a result per job, some work).
+CASES = [("no-op", "bench.apps:noop", "bench:jobs", "bench"),
+         ("one result", "bench.apps:one_result", "bench:jobs", "bench"),
+         ("demo", "fastworker.demo:app", "betterbundle:data-jobs", "data-processors")]
+RESULT_STREAMS = ("betterbundle:analysis-results", "bench:results")
+SERVER_COMMANDS = ("xreadgroup", "xack", "xackdel", "evalsha", "eval", "xclaim", "xautoclaim", "xpending")
+
+
+def server_us(client: redis.Redis) -> float:
+    """Server CPU in the fleet's commands since the last CONFIG RESETSTAT (INFO commandstats), in microseconds."""
+    stats = client.info("commandstats")
+    return float(sum(stats.get(f"cmdstat_{name}", {}).get("usec", 0) for name in SERVER_COMMANDS))
+
+
 def throughput(url: str, n: int, repeat: int, batches: list[int], processes: list[int]) -> list[dict[str, Any]]:
     client = redis.Redis.from_url(url)
     rows = []
-    cases = [("no-op", "bench.apps:noop", "bench:jobs", "bench"),
-             ("demo", "fastworker.demo:app", "betterbundle:data-jobs", "data-processors")]
-    for label, app, stream, group in cases:
+    for label, app, stream, group in CASES:
         for procs in processes:
             for batch in batches:
-                runs, rss = [], 0.0
+                runs, rss, cpu = [], 0.0, []
                 for _ in range(repeat):
-                    client.delete("betterbundle:analysis-results")
+                    client.delete(*RESULT_STREAMS)
                     reset(client, stream, group, n)
+                    client.config_resetstat()
                     seconds, peak = run_fastworker(url, app, stream, group, n, procs, batch)
+                    cpu.append(server_us(client) / n)
                     runs.append(n / seconds)
                     rss = max(rss, peak)
                 rows.append({"handler": label, "processes": procs, "batch": batch, "msgs_s": median(runs),
-                             "runs": runs, "worker_rss_mb": rss})
-                print(f"fastworker {label:5} processes={procs} batch={batch:>4}: {median(runs):>9,.0f} msgs/s "
-                      f"(runs {', '.join(f'{r:,.0f}' for r in runs)}), worker RSS {rss:.0f} MiB", flush=True)
+                             "runs": runs, "worker_rss_mb": rss, "server_us_per_entry": median(cpu)})
+                print(f"fastworker {label:10} processes={procs} batch={batch:>4}: {median(runs):>9,.0f} msgs/s "
+                      f"(runs {', '.join(f'{r:,.0f}' for r in runs)}), worker RSS {rss:.0f} MiB, server "
+                      f"{median(cpu):.2f} us/entry", flush=True)
     client.close()
     return rows
 
@@ -100,24 +116,22 @@ def network(server_url: str, server_port: int, n: int, repeat: int, processes: l
     """
     client = redis.Redis.from_url(server_url)
     rows = []
-    cases = [("no-op", "bench.apps:noop", "bench:jobs", "bench"),
-             ("demo", "fastworker.demo:app", "betterbundle:data-jobs", "data-processors")]
     with ProxyProcess(server_port, lifetime_s=3 * 3600) as proxy:
         url = server_url.replace(f":{server_port}/", f":{proxy.port}/")
         for delay_ms in delays_ms:
             proxy.set_delay(delay_ms / 1000, delay_ms / 1000)
             count = n if delay_ms == 0 or delayed_n is None else delayed_n
-            for label, app, stream, group in cases:
+            for label, app, stream, group in CASES:
                 for procs in processes:
                     runs = []
                     for _ in range(repeat):
-                        client.delete("betterbundle:analysis-results")
+                        client.delete(*RESULT_STREAMS)
                         reset(client, stream, group, count)
                         seconds, _ = run_fastworker(url, app, stream, group, count, procs, batch)
                         runs.append(count / seconds)
                     rows.append({"handler": label, "processes": procs, "batch": batch, "delay_ms": delay_ms,
                                  "n": count, "msgs_s": median(runs), "runs": runs})
-                    print(f"network {label:5} delay={delay_ms:g} ms processes={procs} batch={batch} n={count:,}: "
+                    print(f"network {label:10} delay={delay_ms:g} ms processes={procs} batch={batch} n={count:,}: "
                           f"{median(runs):>9,.0f} msgs/s (runs {', '.join(f'{r:,.0f}' for r in runs)})", flush=True)
         result_stats = proxy.stats()
     print(f"proxy: {result_stats['accepted']} connections accepted, {result_stats['refused']} refused", flush=True)
@@ -218,33 +232,76 @@ def _offer(client: redis.Redis, stream: str, rate: int, seconds: float) -> int:
 
 def table(result: dict[str, Any]) -> str:
     lines = [f"- {key}: {value}" for key, value in result["versions"].items()]
-    lines += ["", "| consumer | processes | batch | msgs/s |", "|---|---|---|---|"]
+    lines += ["", "| consumer | processes | batch | msgs/s | server CPU, us/entry |", "|---|---|---|---|---|"]
     for row in result["throughput"]:
+        cpu = row.get("server_us_per_entry")
         lines.append(f"| fastworker, {row['handler']} handler | {row['processes']} | {row['batch']} | "
-                     f"{row['msgs_s']:,.0f} |")
+                     f"{row['msgs_s']:,.0f} | {'' if cpu is None else f'{cpu:.2f}'} |")
     for row in result["peers"]:
-        lines.append(f"| {row['peer']} | {row['processes']} | | {row['msgs_s']:,.0f} |")
-    best = {procs: max((r["msgs_s"] for r in result["throughput"]
-                        if r["handler"] == "no-op" and r["processes"] == procs), default=0)
-            for procs in {r["processes"] for r in result["throughput"]}}
-    if result["peers"]:
-        lines += ["", "| fastworker (no-op handler, best batch) vs | processes | ratio |", "|---|---|---|"]
-        for row in result["peers"]:
-            # The server's limit is one client whatever the process count: compare every fastworker count to it.
-            counts = sorted(best) if row["peer"].startswith("server_limit") else [row["processes"]]
-            for procs in counts:
-                if best.get(procs):
-                    lines.append(f"| {row['peer']} | {procs} | {best[procs] / row['msgs_s']:.2f}x |")
+        lines.append(f"| {row['peer']} | {row['processes']} | | {row['msgs_s']:,.0f} | |")
+    lines += _peer_ratios(result)
     if result.get("network"):
         lines += ["", "| through the proxy (one-way delay) | processes | batch | msgs/s |", "|---|---|---|---|"]
         for row in result["network"]:
             lines.append(f"| fastworker, {row['handler']} handler, {row['delay_ms']:g} ms (n={row['n']:,}) | "
                          f"{row['processes']} | {row['batch']} | {row['msgs_s']:,.0f} |")
+    targets = target_rows(result)
+    if targets:
+        lines += ["", "| target (ratios within this run) | measured | wanted | |", "|---|---|---|---|"]
+        lines += [f"| {what} | {value} | {wanted} | {'met' if met else 'not met'} |"
+                  for what, value, wanted, met in targets]
     if result.get("latency"):
         lat = result["latency"]
         lines += ["", f"Latency, XADD to handler start, {lat['rate']:,} msgs/s offered for {lat['seconds']:g} s: "
                   f"p50 {lat['p50_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms, max {lat['max_ms']:.2f} ms"]
     return "\n".join(lines)
+
+
+def _peer_ratios(result: dict[str, Any]) -> list[str]:
+    if not result["peers"]:
+        return []
+    best = _best(result["throughput"], "no-op")
+    lines = ["", "| fastworker (no-op handler, best batch) vs | processes | ratio |", "|---|---|---|"]
+    for row in result["peers"]:
+        # The server's limit is one client whatever the process count: compare every fastworker count to it.
+        counts = sorted(best) if row["peer"].startswith("server_limit") else [row["processes"]]
+        for procs in counts:
+            if best.get(procs):
+                lines.append(f"| {row['peer']} | {procs} | {best[procs] / row['msgs_s']:.2f}x |")
+    return lines
+
+
+def _best(rows: list[dict[str, Any]], handler: str) -> dict[int, float]:
+    """The best rate of `handler` over the batch sizes, by process count."""
+    best: dict[int, float] = {}
+    for row in rows:
+        if row["handler"] == handler:
+            best[row["processes"]] = max(best.get(row["processes"], 0.0), row["msgs_s"])
+    return best
+
+
+def target_rows(result: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
+    """The performance targets the run can judge: (what, measured, wanted, met), each a ratio of two rates of this
+    same run (never an absolute rate: the machine is shared), and the largest worker's memory."""
+    rows: list[tuple[str, str, str, bool]] = []
+
+    def ratio(what: str, top: float | None, bottom: float | None, wanted: float) -> None:
+        if top and bottom:
+            rows.append((what, f"{top / bottom:.2f}x", f">= {wanted:g}x", top / bottom >= wanted))
+
+    noop, one = _best(result["throughput"], "no-op"), _best(result["throughput"], "one result")
+    ratio("one result per entry vs no-op, 1 process", one.get(1), noop.get(1), 0.6)
+    peers = {(row["peer"].split(" ")[0], row["processes"]): row["msgs_s"] for row in result["peers"]}
+    ratio("no-op vs handwritten asyncio loop, 1 process", noop.get(1), peers.get(("handwritten", 1)), 1.2)
+    ratio("no-op vs the server's own read+ack limit, 2 processes", noop.get(2), peers.get(("server_limit", 1)), 0.8)
+    network = {(row["handler"], row["processes"], row["delay_ms"]): row["msgs_s"] for row in result["network"]}
+    for handler, procs, delay in sorted(key for key in network if key[2] == 0.5):
+        ratio(f"{handler}, {procs} process{'es' if procs > 1 else ''}: 0.5 ms one-way delay vs 0 ms",
+              network[(handler, procs, delay)], network.get((handler, procs, 0.0)), 0.8)
+    rss = max((row.get("worker_rss_mb", 0.0) for row in result["throughput"]), default=0.0)
+    if rss:
+        rows.append(("largest worker process (RSS)", f"{rss:.0f} MiB", "< 100 MiB", rss < 100))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

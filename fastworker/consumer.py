@@ -40,6 +40,7 @@ from fastworker.streams import Ahead, Channel, Streams
 logger = logging.getLogger(__name__)
 
 NEW = ">"
+SHALLOWER_AFTER = 16  # turns whose batch read ahead was waiting for its turn before one fewer is read ahead
 REFUSED_BACKOFF_CAP_S = 30.0  # a settle the server refuses waits for an operator: no need to ask more often
 
 
@@ -100,6 +101,12 @@ class Consumer:
         self._recovered = False
         self._ahead: deque[Ahead] = deque()  # reads written before the batch in hand was handled, oldest first
         self.reads_ahead = 0  # batches that came by read-ahead
+        # How many batches to keep read ahead, between 1 and settings.read_ahead: one more each time a batch read
+        # ahead was not in yet when its turn came (the round trip is longer than handling the batches before it),
+        # one fewer after SHALLOWER_AFTER turns in a row whose batch was waiting. It settles at the least depth that
+        # hides the round trip, so a consumer near its server holds fewer entries than one far from it.
+        self.read_ahead_depth = 1
+        self._in_time = 0  # turns in a row whose batch read ahead was in before it was needed
         dispatcher.recovery.begin()
         self._outage = Outage(f"consumer {name} group={group}", stats.problems)
         self._refused = Outage(f"consumer {name} group={group} settle", stats.problems, REFUSED_BACKOFF_CAP_S)
@@ -166,8 +173,13 @@ class Consumer:
             return unsent
         self.stats.received(self.group, {stream: len(messages) for stream, messages in batch.items()})
         await self._read_more(batch, unsent)
-        with KeepClaimed(self.streams, self.group, self.name, lambda: self._held(batch),
-                         self.settings.claim_idle_ms):
+        # A batch read ahead has been idle since its read, or since the last refresh while the batch before it was
+        # handled: its first refresh comes that much sooner, so no entry held goes unrefreshed longer than
+        # every_s (half the claim idle time).
+        keep = KeepClaimed(self.streams, self.group, self.name, lambda: self._held(batch), self.settings.claim_idle_ms)
+        if ahead is not None:
+            keep.first_s = max(0.0, keep.every_s - (time.monotonic() - ahead.sent_at))
+        with keep:
             return await self.dispatcher.dispatch(self.group, self.handlers, batch, isolation)
 
     async def _read_more(self, batch: Mapping[str, list[Message]], unsent: Settlement | None) -> None:
@@ -177,9 +189,12 @@ class Consumer:
         connection), and never while recovering or re-reading this consumer's own pending entries."""
         settings = self.settings
         if (settings.read_ahead and self._recovered and self._history is None and not self.stopping.is_set()
+                and not self.channel.broken
                 and any(len(messages) >= settings.batch_size for messages in batch.values())):
             try:
-                while len(self._ahead) < settings.read_ahead:
+                # `unsent` always goes with a read, even one past the depth just after it shrank: a settlement
+                # only ever travels with a read or on its own, never stays behind.
+                while len(self._ahead) < self.read_ahead_depth or unsent is not None:
                     self._ahead.append(await self.channel.read_ahead(
                         self.group, self.name, settings.batch_size, list(self.handlers), unsent, self._settled))
                     unsent = None
@@ -281,8 +296,17 @@ class Consumer:
         return await self._decode_history(history, reply)
 
     async def _read_ahead(self, ahead: Ahead) -> dict[str, list[Message]]:
+        late = not ahead.task.done()
         reply = await ahead.entries()
         self.reads_ahead += bool(reply)
+        if late:
+            self.read_ahead_depth = min(self.read_ahead_depth + 1, self.settings.read_ahead)
+            self._in_time = 0
+        else:
+            self._in_time += 1
+            if self._in_time >= SHALLOWER_AFTER and self.read_ahead_depth > 1:
+                self.read_ahead_depth -= 1
+                self._in_time = 0
         return {stream: self._decode(stream, entries, 1) for stream, entries in reply.items()}
 
     async def _recover(self, settlement: Settlement | None) -> dict[str, list[Message]]:
@@ -393,12 +417,13 @@ class KeepClaimed:
         self.consumer = consumer
         self.ids = ids  # asked each time: what is still to keep
         self.every_s = claim_idle_ms / 2000
+        self.first_s = self.every_s  # the first refresh
         self.timer: asyncio.TimerHandle | None = None
         self.refresh: asyncio.Task[None] | None = None
         self.done = False
 
     def __enter__(self) -> KeepClaimed:
-        self.timer = asyncio.get_running_loop().call_later(self.every_s, self._due)
+        self.timer = asyncio.get_running_loop().call_later(self.first_s, self._due)
         return self
 
     def __exit__(self, *exc: object) -> None:

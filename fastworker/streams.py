@@ -30,7 +30,7 @@ import redis.exceptions as rex
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from fastworker.config import Settings
+from fastworker.config import Settings, redact_url
 from fastworker.edge.errors import translate, translated
 from fastworker.edge.wire import Command, pack
 from fastworker.errors import FastworkerError, RedisUnavailable, SettleRefused
@@ -78,6 +78,7 @@ class Channel:
         self._conn: Any = None
         self.client_id: int | None = None
         self._ahead: deque[asyncio.Task[list[Any]]] = deque()  # replies of read-aheads still to read, in order
+        self.broken = False  # a read-ahead's reply failed: the connection is to be dropped by the next call
         self._generation = 0  # connections dropped so far: a read-ahead's reply never comes on a new one
 
     async def _connection(self) -> Any:
@@ -110,6 +111,8 @@ class Channel:
         soon as they are in: a settlement is confirmed while the blocking read sent behind it still waits."""
         if self._ahead:  # replies to exchanges written earlier come first
             await asyncio.wait(self._ahead)
+        if self.broken:
+            await self.reset()
         try:
             conn = await self._connection()
             await conn.send_packed_command(pack(commands), check_health=False)
@@ -142,15 +145,25 @@ class Channel:
         refused: list[Exception] = []
         commands = [*(settlement.commands() if settlement else []),
                     _read_command(group, consumer, dict.fromkeys(streams, ">"), count, None)]
+        conn = None
         try:
             conn = await self._connection()
             await conn.send_packed_command(pack(commands), check_health=False)
         except (rex.RedisError, OSError) as exc:
             await self.reset()
             raise translate(exc, self._url) from exc
+        except AttributeError as exc:
+            # redis-py drops a connection whose read failed (here: an earlier read-ahead's reply, read by its task)
+            # from under a write in progress on it, which then finds no writer: the connection is lost, like above.
+            if conn is None or conn.is_connected:
+                raise
+            await self.reset()
+            raise RedisUnavailable(f"cannot reach the server ({redact_url(self._url)}): the connection was lost "
+                                   "while writing a read-ahead") from exc
         previous = self._ahead[-1] if self._ahead else None
         task = asyncio.ensure_future(self._ahead_replies(conn, self._generation, len(commands), previous,
                                                          _confirming(settlement, refused, on_settled)))
+        task.add_done_callback(_retrieved)  # an error is raised to whoever takes the batch; if nobody does, no noise
         self._ahead.append(task)
         return Ahead(self, task, settlement, refused, on_settled)
 
@@ -159,11 +172,14 @@ class Channel:
         try:
             if previous is not None:
                 await asyncio.wait([previous])
-            if generation != self._generation:
+            if generation != self._generation or self.broken:
                 raise RedisUnavailable("the connection was lost before a read-ahead's reply came")
             return await _replies(conn, count, first)
         except (rex.RedisError, OSError) as exc:
-            await self.reset()
+            # Only the channel's owner drops the connection (its next call does): dropping it here, while the
+            # owner may be writing the next read on it, would pull the socket from under that write.
+            if generation == self._generation:
+                self.broken = True
             raise translate(exc, self._url) from exc
         finally:
             if self._ahead and self._ahead[0] is asyncio.current_task():
@@ -300,6 +316,7 @@ class Channel:
         to come with it; the next call reconnects."""
         self.client_id = None
         self._generation += 1
+        self.broken = False
         while self._ahead:
             waiting = self._ahead.popleft()
             if waiting is not asyncio.current_task():
@@ -320,7 +337,7 @@ class Channel:
 class Ahead:
     """A settlement and a read written before the batch in hand was handled (`Channel.read_ahead`)."""
 
-    __slots__ = ("_channel", "_on_settled", "_refused", "settlement", "task")
+    __slots__ = ("_channel", "_on_settled", "_refused", "sent_at", "settlement", "task")
 
     def __init__(self, channel: Channel, task: asyncio.Task[list[Any]], settlement: Settlement | None,
                  refused: list[Exception], on_settled: Callable[[Settlement], None] | None) -> None:
@@ -329,6 +346,7 @@ class Ahead:
         self.settlement = settlement  # written with the read: its fate is the read's
         self._refused = refused
         self._on_settled = on_settled
+        self.sent_at = time.monotonic()  # when the read was written: its entries' idle time runs from about then
 
     def delivered(self) -> dict[str, list[str | bytes]]:
         """The ids of the entries the read delivered, by stream, once its reply is in (else empty): entries this
@@ -339,12 +357,21 @@ class Ahead:
                 for stream, entries in _stream_entries(self.task.result()[-1]).items()}
 
     async def entries(self) -> dict[str, list[RawEntry]]:
-        """The batch the read brought, as `Channel.read` gives it, and raising as it would."""
-        replies = await self.task
+        """The batch the read brought, as `Channel.read` gives it, and raising as it would; RedisUnavailable if the
+        connection was dropped before its reply came (by an error elsewhere on the channel)."""
+        await asyncio.wait([self.task])  # the caller's own cancellation still propagates; the task's does not
+        if self.task.cancelled():
+            raise RedisUnavailable("the connection was dropped before a read-ahead's reply came")
+        replies = self.task.result()
         return await self._channel._entries(replies[-1], self.settlement, self._refused, self._on_settled)
 
     def cancel(self) -> None:
         self.task.cancel()
+
+
+def _retrieved(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 async def _replies(conn: Any, count: int, first: Callable[[list[Any]], None] | None) -> list[Any]:
