@@ -150,6 +150,22 @@ def test_build_settle_commands_with_results(benchmark: Any) -> None:
     assert packed.split(b"\r\n", 3)[2] == b"EVALSHA"  # one script call, by digest, settles them all
 
 
+def test_build_settle_commands_with_results_delete_acked(benchmark: Any) -> None:
+    """The same batch on a stream with delete-on-ack (XACKDEL, Redis 8.2+): the script that acks each run with one
+    XACKDEL."""
+    messages = decode_entries(STREAM, _entries(), 1)
+    for message in messages:
+        message.emit("betterbundle:analysis-results", {"job_id": message.payload["job_id"], "status": "completed"})
+
+    def settle() -> bytes:
+        settlement = Settlement(GROUP, deleting={STREAM})
+        settlement.ack_all(STREAM, messages)
+        return pack(settlement.commands())
+
+    packed = benchmark(settle)
+    assert packed.split(b"\r\n", 3)[2] == b"EVALSHA"
+
+
 def test_dispatch_batch_to_noop_handler_traced(benchmark: Any, loop: Any) -> None:
     """The same dispatch with tracing on (the SDK's provider, spans recorded but not exported): the cost of a span
     per handler call. With tracing off, handlers are not wrapped at all (test_dispatch_batch_to_noop_handler)."""
