@@ -142,6 +142,10 @@ def _stream_needs(stream: str, group: str, dead: str) -> list[Need]:
         Need("EVAL", s, SETTLE, ("EVAL", "return 0", 1, s), in_script=True),
         Need("EVAL", d, SETTLE, ("EVAL", "return 0", 1, d), in_script=True),
         Need("EVAL", z, RETRIES, ("EVAL", "return 0", 1, z), in_script=True),
+        # scripts go by digest, and by text after the server's script cache was emptied: both are needed
+        Need("EVALSHA", s, SETTLE, ("EVALSHA", NO_SCRIPT, 1, s)),
+        Need("EVALSHA", d, SETTLE, ("EVALSHA", NO_SCRIPT, 1, d)),
+        Need("EVALSHA", z, RETRIES, ("EVALSHA", NO_SCRIPT, 1, z)),
         Need("TYPE", s, IN_SETTLE, ("TYPE", s), in_script=True),
         Need("TYPE", d, IN_SETTLE, ("TYPE", d), in_script=True),
         Need("XACK", s, IN_SETTLE, ("XACK", s, g, "0-1"), in_script=True),

@@ -189,6 +189,19 @@ async def test_permissions_worker_refuses_to_start_without_a_permission(server: 
                                   f"'{uid}:absent' (consumers read with it); see README 'Permissions'")
 
 
+async def test_permissions_worker_without_evalsha_refuses_to_start(server: EmbeddedServer, r: redis.Redis,
+                                                                  uid: str) -> None:
+    # Settle scripts go by digest: a user allowed EVAL only would have every settle refused. Said at start instead.
+    user = f"{uid}-app"
+    rules = [rule for rule in commands_of(acl_users()["fastworker-fleet"]) if rule != "+evalsha"]
+    r.execute_command("ACL", "SETUSER", user, "reset", "on", f">{PASSWORD}", f"~{uid}:*", "~fw:done:*", *rules)
+    settings = make_settings(server, uid, redis_url=user_url(server, user))
+    with pytest.raises(RedisAuthError) as refused:
+        async with RunningWorker(probe_app(uid), settings):
+            pass
+    assert "the command EVALSHA on keys" in str(refused.value)
+
+
 # --- users.acl, end to end ----------------------------------------------------------------------------------------
 
 PREFIX = "betterbundle"
