@@ -600,3 +600,18 @@ async def test_cluster_connection_killed_mid_publish_is_not_sent_again(cluster: 
     seqs = [seq for part in (await _cluster_seqs(cluster, parts)).values() for seq in part]
     assert len(seqs) == len(set(seqs))  # nothing written twice
     assert confirmed <= len(seqs) <= confirmed + int(sent.group(2))
+
+
+async def test_cluster_wait_replicas_confirms_each_chunk_on_a_replica(
+        start_cluster: Callable[..., LocalCluster], uid: str) -> None:
+    local = start_cluster(masters=3, replicas_per_master=1)
+    parts = Partitioning(uid, 6)
+    async with Publisher(local.urls[0], chunk_size=300) as pub:
+        ids = await pub.publish_many(uid, _jobs(1500), key="shop_id", partitions=6, wait_replicas=(1, 2000))
+    assert len(ids) == 1500
+    for index, key in enumerate(parts.keys):  # WAIT 1 answered: each master's replica holds its partitions
+        master = local.master_for_slot(parts.slot(index))
+        replica = next(node for node in local.replicas if node.replica_of is master)
+        with redis.Redis(port=replica.port, single_connection_client=True) as client:
+            client.execute_command("READONLY")
+            assert client.xlen(key) == master.client().xlen(key) > 0
