@@ -387,7 +387,8 @@ class _RoutedEncoder:
             if type(item) is Entry:
                 command = self._entry(item, partition)
             else:
-                command = self._prefixes[partition] + argument(orjson.dumps(item))
+                data = orjson.dumps(item)  # one format: the command's head, then the JSON as its last argument
+                command = b"%b$%d\r\n%b\r\n" % (self._prefixes[partition], len(data), data)
         except (TypeError, ValueError) as exc:
             raise PayloadError(self.index, str(exc)) from exc
         self._commands.append((self._slots[partition], command))
