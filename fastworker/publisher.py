@@ -10,6 +10,13 @@ every payload before it is published and confirmed and none after it; the error 
 server or connection error stops the publish too and says how many entries were confirmed before it, and how many
 were sent without a reply (a timed-out XADD may still have been applied). Redis errors are translated at the I/O
 edge (`fastworker.edge`); a key of another type gives `StreamTypeError`.
+
+Partitioned streams (`fastworker.partitions`), a cluster, or `wait_replicas` take the routed path: each chunk's
+XADDs are tagged with their partition's slot and exchanged through `edge.cluster.Router`, one pipeline per master,
+one chunk on the wire while the next is encoded. Chunks are exchanged one after the other, so one key's entries
+reach their partition in payload order; a command is sent again only when the server said it did not run it
+(MOVED, ASK, TRYAGAIN, CLUSTERDOWN), never after a lost reply. One partition on one server without WAIT keeps the
+single-connection path above, unchanged.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ ABSENT_RECHECK_S = 1.0
 
 
 FLUSH_AFTER_S = 0.05  # an async source slower than this has what it gave so far sent anyway (publish_stream)
+
 
 class _Chunks(Protocol):
     """What the feeders fill: `_Encoder` (one stream, one connection) or `_RoutedEncoder` (partitions)."""
