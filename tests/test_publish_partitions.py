@@ -487,6 +487,7 @@ async def _cluster_seqs(local: LocalCluster, parts: Partitioning) -> dict[int, l
     return out
 
 
+@pytest.mark.server
 async def test_cluster_entries_land_on_their_partitions_master(cluster: LocalCluster, uid: str) -> None:
     parts = Partitioning(uid, 6)
     async with Publisher(cluster.urls[0]) as pub:
@@ -500,6 +501,7 @@ async def test_cluster_entries_land_on_their_partitions_master(cluster: LocalClu
                    for node in cluster.masters if node is not owner)
 
 
+@pytest.mark.server
 async def test_cluster_keeps_one_keys_entries_in_order_in_one_partition(cluster: LocalCluster, uid: str) -> None:
     parts = Partitioning(uid, 6)
     jobs = _jobs(2500, shops=["shop_4821", "shop_17", "shop_9"])
@@ -511,6 +513,7 @@ async def test_cluster_keeps_one_keys_entries_in_order_in_one_partition(cluster:
     assert sum(len(seqs) for seqs in (await _cluster_seqs(cluster, parts)).values()) == 2500
 
 
+@pytest.mark.server
 async def test_cluster_moved_reply_is_followed_and_every_entry_lands_once(cluster: LocalCluster, uid: str) -> None:
     parts = Partitioning(uid, 3)
     async with Publisher(cluster.urls[0]) as pub:
@@ -524,6 +527,22 @@ async def test_cluster_moved_reply_is_followed_and_every_entry_lands_once(cluste
                    for i in range(3))
     seqs = [seq for part in (await _cluster_seqs(cluster, parts)).values() for seq in part]
     assert sorted(seqs) == list(range(1200))
+
+
+@pytest.mark.server
+async def test_cluster_node_connections_log_in_with_the_urls_user(cluster: LocalCluster, uid: str) -> None:
+    user = f"{uid}-app"
+    for node in cluster.masters:  # ACL users are per node in a cluster
+        node.command("ACL", "SETUSER", user, "reset", "on", ">s3cret", f"~{uid}*", "+@all")
+    try:
+        async with Publisher(f"redis://{user}:s3cret@127.0.0.1:{cluster.masters[0].port}/0") as pub:
+            assert await pub.publish_stream(uid, _jobs(600), key="shop_id", partitions=6) == 600
+            for node in cluster.masters:  # the pools' idle connections: each master was reached as the user
+                assert user in {client["user"] for client in node.client().client_list(_type="normal")}
+    finally:
+        for node in cluster.masters:
+            node.command("ACL", "DELUSER", user)
+    assert sum(len(part) for part in (await _cluster_seqs(cluster, Partitioning(uid, 6))).values()) == 600
 
 
 @pytest.fixture(scope="module")
@@ -550,6 +569,7 @@ def _migrate(local: LocalCluster, slot: int, keys: list[str], finish: bool) -> t
     return source.port, target.port
 
 
+@pytest.mark.server
 async def test_cluster_slot_migrated_between_publishes_is_followed_by_moved(own_cluster: LocalCluster,
                                                                             uid: str) -> None:
     parts = Partitioning(uid, 3)
@@ -564,6 +584,7 @@ async def test_cluster_slot_migrated_between_publishes_is_followed_by_moved(own_
     assert seqs[1] == sorted(seqs[1])  # the moved partition kept its order
 
 
+@pytest.mark.server
 async def test_cluster_key_migrating_is_followed_by_ask(own_cluster: LocalCluster, uid: str) -> None:
     parts = Partitioning(uid, 4)  # slots of their own: those of 3 partitions are the MOVED test's
     async with Publisher(own_cluster.urls[0]) as pub:
@@ -578,6 +599,7 @@ async def test_cluster_key_migrating_is_followed_by_ask(own_cluster: LocalCluste
     assert seqs == sorted(seqs) and len(seqs) == 2 * sum(partition_for(job["shop_id"], 4) == 2 for job in _jobs(500))
 
 
+@pytest.mark.server
 async def test_cluster_connection_killed_mid_publish_is_not_sent_again(cluster: LocalCluster, uid: str) -> None:
     parts = Partitioning(uid, 6)
     progress: list[int] = []
@@ -602,6 +624,7 @@ async def test_cluster_connection_killed_mid_publish_is_not_sent_again(cluster: 
     assert confirmed <= len(seqs) <= confirmed + int(sent.group(2))
 
 
+@pytest.mark.server
 async def test_cluster_wait_replicas_confirms_each_chunk_on_a_replica(
         start_cluster: Callable[..., LocalCluster], uid: str) -> None:
     local = start_cluster(masters=3, replicas_per_master=1)
