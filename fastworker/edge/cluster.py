@@ -15,7 +15,9 @@ handles what the cluster refuses. Invariant: a command is sent again only when t
   exponential backoff, read the map again, and re-send, for at most `retry_window_s`;
 - a command sent on a connection that then failed has an unknown fate: it is never re-sent; the exchange reports
   it as lost and stops re-sending anything.
-Re-sends keep the commands' order within each slot, since a node refuses a key's commands from some point on.
+Re-sends go in the commands' order. MOVED and ASK refuse a key's commands from some point on, so a slot's order is
+kept; a CLUSTERDOWN or TRYAGAIN that clears while one pipeline is being run can let a later command of a slot through
+before an earlier one that was refused and is sent again.
 """
 
 from __future__ import annotations
