@@ -348,8 +348,9 @@ class Router:
     async def exchange(self, routed: Sequence[Routed], links: Links, trailer: bytes | None = None) -> Exchange:
         """Send `routed` (slot, packed command) pairs, one pipeline per node, concurrently, with `trailer` (one
         packed command, e.g. WAIT) after each node's commands in every round; re-send what the cluster refused (see
-        the module's rules). Never raises for a lost reply or a refusal: the Exchange says what became of each
-        command. Raises RedisAuthError or RedisTLSError when a node refuses the connection for good."""
+        the module's rules). Never raises for a lost reply, a refusal, or a node refusing the connection (its
+        RedisAuthError or RedisTLSError becomes `error`, its commands `unsent`): the Exchange says what became of each
+        command."""
         result = Exchange([NO_REPLY] * len(routed), [None] * len(routed))
         todo, asking = list(range(len(routed))), dict[int, Node]()
         deadline = time.monotonic() + self.retry_window_s
