@@ -117,6 +117,13 @@ def test_parse_shards_uses_the_tls_port_for_a_tls_url() -> None:
     assert rows[1][2] == Node("seed.example", 8001) and rows[0][2] == Node("10.0.0.1", 7000)
 
 
+def test_parse_shards_takes_the_online_master_of_a_shard_after_a_failover() -> None:
+    shard = [b"slots", [0, 16383], b"nodes", [
+        [b"id", b"a", b"port", 7000, b"endpoint", b"10.0.0.1", b"role", b"master", b"health", b"fail"],
+        [b"id", b"b", b"port", 7001, b"endpoint", b"10.0.0.2", b"role", b"master", b"health", b"online"]]]
+    assert parse_shards([shard], "seed", tls=False) == [(0, 16383, Node("10.0.0.2", 7001))]
+
+
 def test_parse_slots_takes_the_first_node_of_each_range() -> None:
     reply = [[0, 8191, [b"10.0.0.1", 7000, b"a"], [b"10.0.0.4", 7003, b"d"]], [8192, 16383, [b"", 7001, b"b"]]]
     assert parse_slots(reply, "seed") == [(0, 8191, Node("10.0.0.1", 7000)), (8192, 16383, Node("seed", 7001))]
@@ -638,3 +645,27 @@ async def test_cluster_wait_replicas_confirms_each_chunk_on_a_replica(
         with redis.Redis(port=replica.port, single_connection_client=True) as client:
             client.execute_command("READONLY")
             assert client.xlen(key) == master.client().xlen(key) > 0
+
+
+@pytest.mark.server
+async def test_cluster_publish_after_a_master_is_killed_waits_for_its_replica(
+        start_cluster: Callable[..., LocalCluster], uid: str) -> None:
+    local = start_cluster(masters=3, replicas_per_master=1, node_timeout_ms=1000)
+    parts = Partitioning(uid, 6)
+    async with Publisher(local.urls[0]) as pub:
+        await pub.publish_many(uid, _jobs(600), key="shop_id", partitions=6)
+        local.kill(local.masters[1])
+        # An idle pooled connection to the dead master: if the pool hands it out, what was sent on it is lost and
+        # said so; if the pool notices the close first, nothing was sent, and the publish waits like the next one.
+        second: Exception | None = None
+        try:
+            await pub.publish_many(uid, [{**job, "seq": job["seq"] + 600} for job in _jobs(600)], key="shop_id")
+        except RedisUnavailable as exc:
+            second = exc
+        assert second is None or "entries were confirmed" in str(second)
+        # the node refuses connections now: the publish waits, reads the map again and follows the promoted replica
+        await pub.publish_many(uid, [{**job, "seq": job["seq"] + 1200} for job in _jobs(600)], key="shop_id")
+        assert (await pub.router()).redirects["wait"] >= 1
+    seqs = [seq for part in (await _cluster_seqs(local, parts)).values() for seq in part]
+    assert len(seqs) == len(set(seqs)) and set(range(600)) | set(range(1200, 1800)) <= set(seqs)
+    assert second is not None or set(range(600, 1200)) <= set(seqs)

@@ -115,14 +115,16 @@ def _host(announced: Any, seed_host: str) -> str:
 
 def parse_shards(reply: Any, seed_host: str, tls: bool) -> list[tuple[int, int, Node]]:
     """CLUSTER SHARDS into (first slot, last slot, master) rows: each shard's master, by its `endpoint` (else `ip`),
-    on its `tls-port` when the URL is rediss:// and the node has one. Shards without a master are left out."""
+    on its `tls-port` when the URL is rediss:// and the node has one. After a failover a shard lists its failed
+    master beside the promoted one, both as masters: the one whose health is `online` is taken. Shards without a
+    master are left out."""
     rows = []
     for shard in reply:
         info = _pairs(shard)
         masters = [node for node in map(_pairs, info.get(b"nodes") or []) if _text(node.get(b"role")) == "master"]
         if not masters:
             continue
-        node = masters[0]
+        node = next((node for node in masters if _text(node.get(b"health", b"online")) == "online"), masters[0])
         port = node.get(b"tls-port") if tls and node.get(b"tls-port") else node.get(b"port")
         master = Node(_host(node.get(b"endpoint") or node.get(b"ip"), seed_host), int(port or 0))
         bounds = [int(bound) for bound in info.get(b"slots") or []]
@@ -397,14 +399,7 @@ class Router:
         again, asking, moved, wait = list(uncovered), dict[int, Node](), False, bool(uncovered)
         for done in rounds:
             if done.error is not None:
-                if done.sent or done.final:
-                    result.lost += len(done.indexes) if done.sent else 0
-                    again += [] if done.sent else done.indexes
-                    result.error = result.error or done.error
-                else:  # refused before anything was written: a node down or restarting, as in a failover
-                    again += done.indexes
-                    wait = True
-                    self.redirects["wait"] += 1
+                wait = self._failed(result, done, again) or wait
                 continue
             if done.trailer is not NO_REPLY:
                 result.trailers[done.node] = done.trailer
@@ -427,6 +422,21 @@ class Router:
                     if self._map is not None:
                         self._map.move(target.slot, self._target_node(target, done.node))
         return sorted(again), asking, moved, wait
+
+    def _failed(self, result: Exchange, done: _Round, again: list[int]) -> bool:
+        """Record a round whose connection failed; whether to wait and send its commands again (True only when
+        nothing was written and a retry may cure it: a node down or restarting, as in a failover)."""
+        assert done.error is not None
+        if done.sent:  # their fate is unknown: never sent again
+            result.lost += len(done.indexes)
+        again += [] if done.sent else done.indexes
+        if done.sent or done.final:
+            result.error = result.error or done.error
+            return False
+        self.redirects["wait"] += 1
+        for index in done.indexes:  # the reason, should the re-sends run out
+            result.replies[index] = done.error
+        return True
 
     @staticmethod
     def _target_node(target: Redirect, asked: Node) -> Node:
