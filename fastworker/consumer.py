@@ -29,13 +29,13 @@ from collections.abc import Callable, Mapping, Sequence
 from fastworker.app import Handler
 from fastworker.config import Settings
 from fastworker.dispatch import Dispatcher, Isolated
+from fastworker.edge.streams import Ahead, Channel, Streams
 from fastworker.errors import FastworkerError, NoGroupError, RedisUnavailable, SettleRefused
 from fastworker.message import Message, RawEntry, decode_entries
 from fastworker.outages import outages
 from fastworker.policy import backoff_s
 from fastworker.settlement import Settlement
 from fastworker.stats import Stats
-from fastworker.streams import Ahead, Channel, Streams
 
 logger = logging.getLogger(__name__)
 

@@ -28,11 +28,11 @@ from typing import Any, Literal
 from fastworker import recent
 from fastworker.app import Dedup, Handler
 from fastworker.config import TIMEOUT_OVERSHOOT
+from fastworker.edge.streams import Recorder, Streams
 from fastworker.errors import FastworkerError, Reject, Retry
 from fastworker.message import Message, decode_record, encode_record
 from fastworker.policy import Action, Backoff, decide, retry_delay_s
 from fastworker.settlement import Settlement
-from fastworker.streams import Recorder, Streams
 from fastworker.tracing import HandlerTracer
 
 logger = logging.getLogger(__name__)

@@ -32,12 +32,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from fastworker.app import App
 from fastworker.config import Settings
+from fastworker.edge.streams import Streams
 from fastworker.errors import FastworkerError
 from fastworker.ops.consumers import remove_dead_consumers
 from fastworker.ops.inspect import Snapshot, check_health, groups_info, snapshot
 from fastworker.ops.trim import TrimRefused, housekeeping_plan, safe_trim
 from fastworker.stats import BATCH_BUCKETS, DURATION_BUCKETS_S, OUTCOMES
-from fastworker.streams import Streams
 
 logger = logging.getLogger(__name__)
 

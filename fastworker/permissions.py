@@ -27,9 +27,9 @@ from fastworker.config import Settings
 from fastworker.edge.admin import Admin
 from fastworker.edge.errors import is_no_permission
 from fastworker.edge.link import Link
+from fastworker.edge.streams import Streams
 from fastworker.errors import RedisPermissionError
 from fastworker.settlement import retry_key
-from fastworker.streams import Streams
 
 logger = logging.getLogger(__name__)
 

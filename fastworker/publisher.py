@@ -39,11 +39,11 @@ from fastworker.edge.admin import Admin
 from fastworker.edge.cluster import Exchange, Node, Routed, Router
 from fastworker.edge.errors import is_no_permission, is_wrong_type, translate
 from fastworker.edge.link import Link
+from fastworker.edge.streams import Streams
 from fastworker.edge.wire import argument, head, pack
 from fastworker.errors import FastworkerError, RedisAuthError, RedisCommandError
 from fastworker.message import DEFAULT_PAYLOAD_FIELD, FieldValue, text
 from fastworker.partitions import Partitioning, RoundRobin, key_slot, parse_record
-from fastworker.streams import Streams
 from fastworker.tracing import current_trace_fields
 
 logger = logging.getLogger(__name__)

@@ -28,13 +28,13 @@ from fastworker.app import Handler
 from fastworker.config import Settings
 from fastworker.consumer import REFUSED_BACKOFF_CAP_S, KeepClaimed, Outage, ids_by_stream, resend_refused, until
 from fastworker.dispatch import Dispatcher, Isolated
+from fastworker.edge.streams import Channel, Streams
 from fastworker.errors import FastworkerError, SettleRefused
 from fastworker.logs import plural
 from fastworker.message import RawEntry, decode_entries, text
 from fastworker.policy import MAX_RETRY_DELAY_S
 from fastworker.settlement import RETRY_CONSUMER, Settlement
 from fastworker.stats import Stats
-from fastworker.streams import Channel, Streams
 
 logger = logging.getLogger(__name__)
 

@@ -55,6 +55,7 @@ import uvloop
 from fastworker import logs
 from fastworker.app import App, load_app
 from fastworker.config import Settings
+from fastworker.edge.streams import Streams
 from fastworker.errors import CrashLoop, ExitCode, FastworkerError
 from fastworker.logs import plural
 from fastworker.monitor import Monitor
@@ -62,7 +63,6 @@ from fastworker.permissions import check_permissions
 from fastworker.policy import backoff_s, shard
 from fastworker.proc import describe_exit, die_with_parent, set_process_name
 from fastworker.signals import StopSignals
-from fastworker.streams import Streams
 from fastworker.worker import StartupFailed, Worker, serve
 
 # Exit codes of a process stopped by a signal someone sent it (negative: multiprocessing's convention).

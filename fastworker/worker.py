@@ -24,12 +24,12 @@ from fastworker.app import App, Hook
 from fastworker.config import Settings
 from fastworker.consumer import Consumer, Outage
 from fastworker.dispatch import Dispatcher
+from fastworker.edge.streams import Streams
 from fastworker.errors import ExitCode, FastworkerError, RedisAuthError, RedisUnavailable
 from fastworker.permissions import check_permissions
 from fastworker.reclaimer import Reclaimer
 from fastworker.signals import StopSignals
 from fastworker.stats import Stats
-from fastworker.streams import Streams
 from fastworker.tracing import tracer_for
 
 logger = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ import redis
 import redis.asyncio as aioredis
 
 from fastworker import App, EmbeddedServer, Settings, Worker
+from fastworker.edge.streams import Streams
 from fastworker.settlement import Settlement
-from fastworker.streams import Streams
 
 JOB = {"job_id": "job_01J9", "shop_id": "shop_4821", "shop_domain": "acme.myshopify.com", "type": "analysis",
        "trigger": "scheduled", "requested_at": "2026-11-25T10:00:00Z", "params": {"days": 90, "min_support": 0.01}}

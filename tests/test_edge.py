@@ -15,13 +15,13 @@ from fastworker import EmbeddedServer
 from fastworker.config import Settings
 from fastworker.edge.admin import Admin
 from fastworker.edge.errors import is_missing_key, is_no_group, is_no_permission, is_wrong_type, reply_error
+from fastworker.edge.streams import Streams
 from fastworker.edge.wire import ReplyReader, argument, head, pack
-from fastworker.streams import Streams
 
 PACKAGE = Path(__file__).resolve().parent.parent / "fastworker"
-# Outside the edge for now, each for a reason: streams.py is being reworked and moves into the edge after; the
-# loopback cluster launcher (tests and benchmarks) joins it with cluster support.
-NOT_YET_IN_THE_EDGE = {"streams.py", "localcluster.py"}
+# Outside the edge: the loopback cluster launcher (tests and benchmarks), which starts servers and keeps a client of
+# its own for that.
+NOT_YET_IN_THE_EDGE = {"localcluster.py"}
 
 
 def _redis_imports(source: str) -> list[tuple[int, str]]:

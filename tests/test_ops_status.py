@@ -15,10 +15,10 @@ import redis
 import redis.asyncio as aioredis
 
 from fastworker import EmbeddedServer, ExitCode
+from fastworker.edge.streams import Streams
 from fastworker.ops.consumers import remove_dead_consumers
 from fastworker.ops.inspect import check_health, next_id, snapshot
 from fastworker.server import free_port
-from fastworker.streams import Streams
 from tests.conftest import cli, make_settings, wait_for
 
 

@@ -11,8 +11,8 @@ import redis
 import redis.asyncio as aioredis
 
 from fastworker import EmbeddedServer, ExitCode
+from fastworker.edge.streams import Streams
 from fastworker.ops.trim import has_token, safe_trim, supports_acked_trim
-from fastworker.streams import Streams
 from tests.conftest import cli, make_settings
 
 

@@ -16,10 +16,10 @@ import redis
 import redis.asyncio as aioredis
 
 from fastworker import App, ConfigError, EmbeddedServer, ExitCode, Settings, load_settings
+from fastworker.edge.streams import Streams
 from fastworker.monitor import Monitor
 from fastworker.ops import trim as trim_ops
 from fastworker.ops.trim import Policy, housekeeping_plan, length_cut, nth_entry, safe_trim
-from fastworker.streams import Streams
 from tests.conftest import IdleFleet, cli, make_settings
 from tests.test_ops_trim import TrimModel, add, ids_of, read_and_ack
 

@@ -21,9 +21,9 @@ import pytest
 import redis
 
 from fastworker import App, EmbeddedServer, ExitCode, Message, RedisAuthError, Settings
+from fastworker.edge.streams import Streams
 from fastworker.permissions import PROBE_NAME, _needs, check_permissions
 from fastworker.server import free_port
-from fastworker.streams import Streams
 from tests.conftest import RunningWorker, make_settings
 
 REPO = Path(__file__).resolve().parent.parent

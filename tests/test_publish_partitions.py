@@ -41,12 +41,12 @@ from fastworker.edge.errors import (
     redirect_target,
     reply_error,
 )
+from fastworker.edge.streams import Streams
 from fastworker.edge.wire import pack
 from fastworker.errors import ExitCode, PartitionMismatch, RedisAuthError
 from fastworker.localcluster import LocalCluster
 from fastworker.partitions import Partitioning, RoundRobin, key_slot, partition_for
 from fastworker.publisher import Entry, PayloadError, Publisher, ReplicationError, _Placement, _RoutedEncoder
-from fastworker.streams import Streams
 from tests.cluster_fixtures import started_cluster
 from tests.conftest import cli, wait_for
 

@@ -20,11 +20,11 @@ from fastworker.cli import add_settings_flags, settings_from_args
 from fastworker.commands.status import run_with_streams
 from fastworker.config import Settings
 from fastworker.edge.admin import Admin
+from fastworker.edge.streams import Streams
 from fastworker.errors import ExitCode
 from fastworker.logs import plural
 from fastworker.ops.inspect import check_health, groups_info
 from fastworker.permissions import check_permissions
-from fastworker.streams import Streams
 
 EPILOG = f"""\
 exit codes: {int(ExitCode.OK)} the fleet can start; {int(ExitCode.APP_IMPORT)} the app does not import; \

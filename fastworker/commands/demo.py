@@ -27,11 +27,11 @@ from fastworker.cli import add_settings_flags, at_least, flag_values, number
 from fastworker.commands.dashboard import serve_dashboard
 from fastworker.config import Settings, load_settings
 from fastworker.edge.admin import Admin
+from fastworker.edge.streams import Streams
 from fastworker.errors import ExitCode
 from fastworker.logs import plural
 from fastworker.publisher import Publisher
 from fastworker.server import EmbeddedServer
-from fastworker.streams import Streams
 from fastworker.supervisor import Supervisor
 
 STREAMS = (demo.DATA_JOBS, demo.ML_TRAINING, demo.NOTIFICATIONS)

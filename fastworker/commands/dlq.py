@@ -20,6 +20,7 @@ from typing import Any
 from fastworker.cli import at_least, settings_from_args
 from fastworker.commands.output import confirm, format_age, plural, print_json, render_table
 from fastworker.commands.status import add_common_flags, run_with_streams
+from fastworker.edge.streams import Streams
 from fastworker.errors import ExitCode, FastworkerError
 from fastworker.ops.deadletters import (
     DeadLetter,
@@ -30,7 +31,6 @@ from fastworker.ops.deadletters import (
     requeue_dead_letters,
 )
 from fastworker.ops.inspect import require_stream, server_time_ms, stream_exists
-from fastworker.streams import Streams
 
 ERROR_WIDTH = 60
 

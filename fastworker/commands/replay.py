@@ -13,10 +13,10 @@ from typing import Any
 from fastworker.cli import settings_from_args
 from fastworker.commands.output import UsageError, print_json
 from fastworker.commands.status import add_common_flags, run_with_streams
+from fastworker.edge.streams import Streams
 from fastworker.errors import ExitCode
 from fastworker.ops.inspect import parse_id, require_stream
 from fastworker.ops.replay import ReplayPlan, ResetPlan, plan_replay, plan_reset, replay, reset_group
-from fastworker.streams import Streams
 
 DRY_RUN_NOTE = "dry run: nothing changed; pass --yes to do it"
 

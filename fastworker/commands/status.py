@@ -40,10 +40,10 @@ from fastworker.commands.output import (
     render_table,
 )
 from fastworker.config import Settings
+from fastworker.edge.streams import Streams
 from fastworker.errors import ExitCode
 from fastworker.ops.inspect import ConsumerInfo, GroupInfo, Snapshot, snapshot
 from fastworker.settlement import RETRY_CONSUMER
-from fastworker.streams import Streams
 
 # The shared helpers are importable from here as before; new code imports them from fastworker.commands.output.
 __all__ = ["UsageError", "add_common_flags", "app_pairs", "format_age", "format_bytes", "print_json", "register",

@@ -24,12 +24,12 @@ import uvloop
 
 from fastworker.cli import add_connection_flags, settings_from_args
 from fastworker.config import Settings
+from fastworker.edge.streams import Channel, Streams
 from fastworker.errors import ExitCode, FastworkerError
 from fastworker.message import DEFAULT_PAYLOAD_FIELD, RawEntry, text
 from fastworker.ops.inspect import require_stream, stream_exists
 from fastworker.publisher import explain
 from fastworker.signals import StopSignals
-from fastworker.streams import Channel, Streams
 
 PAGE = 1000
 ENTRY_ID = re.compile(r"-|\d+(-\d+)?")

@@ -16,9 +16,9 @@ from typing import Any
 from fastworker.cli import at_least, number, settings_from_args
 from fastworker.commands.output import confirm, format_bytes, plural, print_json, render_table
 from fastworker.commands.status import add_common_flags, run_with_streams
+from fastworker.edge.streams import Streams
 from fastworker.errors import ExitCode
 from fastworker.ops.trim import TrimResult, safe_trim
-from fastworker.streams import Streams
 
 
 def register(sub: Any) -> None:

@@ -32,6 +32,7 @@ from fastworker.config import Settings
 from fastworker.dashboard import views
 from fastworker.dashboard.sampler import Sampler
 from fastworker.dashboard.security import SECURITY_HEADERS, Guard
+from fastworker.edge.streams import Streams
 from fastworker.errors import FastworkerError, RedisAuthError, RedisUnavailable
 from fastworker.ops.deadletters import (
     DeadLetter,
@@ -43,7 +44,6 @@ from fastworker.ops.deadletters import (
 )
 from fastworker.ops.inspect import DEFAULT_DEAD_AFTER_MS, Snapshot, is_dead_letter_stream, parse_id, snapshot
 from fastworker.ops.replay import plan_replay, replay
-from fastworker.streams import Streams
 
 logger = logging.getLogger(__name__)
 

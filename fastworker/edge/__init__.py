@@ -5,7 +5,9 @@ here; everything outside speaks fastworker's types and raises fastworker's error
 - `wire`: commands packed into RESP, replies parsed by hiredis (no I/O).
 - `link`: one pooled connection held for pipelined exchanges (the publisher, the permission check).
 - `admin`: the occasional commands of the operating tools, with plain values in and out.
+- `streams`: the loops' connections (the hot path): reads, read-aheads, settle round trips, claims.
+- `cluster`: routing by a cluster's slot map, one pool per master, redirections (MOVED, ASK, TRYAGAIN, CLUSTERDOWN)
+  re-sent only when refused, lost replies never re-sent (the publisher's partitioned path).
 
-`fastworker.streams` (the loops' connections) joins this package after its rework; ruff's banned-api rule and
-tests/test_edge.py keep every other module off redis-py.
+Ruff's banned-api rule and tests/test_edge.py keep every other module off redis-py.
 """

@@ -18,8 +18,8 @@ import redis
 import redis.exceptions as rex
 
 from fastworker.edge.errors import is_missing_key, is_no_group, translate, translated
+from fastworker.edge.streams import Streams
 from fastworker.message import FieldValue, text
-from fastworker.streams import Streams
 
 Fields = dict[bytes, bytes]
 Entry = tuple[str, Fields]  # (entry id, fields)

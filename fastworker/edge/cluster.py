@@ -44,10 +44,10 @@ from fastworker.edge.errors import (
     translate,
 )
 from fastworker.edge.link import Link
+from fastworker.edge.streams import Streams
 from fastworker.edge.wire import Command, pack
 from fastworker.errors import FastworkerError, RedisCommandError, RedisTLSError, RedisUnavailable
 from fastworker.partitions import SLOTS
-from fastworker.streams import Streams
 
 RETRY_WINDOW_S = 10.0  # longer than a failover at the default node timeouts (about 3 s at 2000 ms, 8 s at 5000 ms)
 BACKOFF_FIRST_S = 0.01

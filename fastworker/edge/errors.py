@@ -103,6 +103,11 @@ def is_no_group(exc: BaseException) -> bool:
     return isinstance(exc, NoGroupError) or (isinstance(exc, rex.ResponseError) and str(exc).startswith("NOGROUP"))
 
 
+def is_busy_group(exc: BaseException) -> bool:
+    """Whether `exc` is the server's BUSYGROUP: the consumer group to create exists already."""
+    return isinstance(exc, rex.ResponseError) and str(exc).startswith("BUSYGROUP")
+
+
 def is_no_permission(exc: BaseException) -> bool:
     """Whether `exc` is the server's NOPERM: the ACL denies this user the command or one of its keys (from redis-py's
     parser or `reply_error` it is a NoPermissionError; a script's `error_reply` may carry the code in its text)."""

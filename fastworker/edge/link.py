@@ -22,8 +22,8 @@ import redis.asyncio as aioredis
 import redis.exceptions as rex
 
 from fastworker.edge.errors import translate
+from fastworker.edge.streams import Streams
 from fastworker.edge.wire import Command, ReplyReader, pack
-from fastworker.streams import Streams
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 
 from fastworker.edge.admin import Admin
+from fastworker.edge.streams import Streams
 from fastworker.ops.inspect import ConsumerInfo
-from fastworker.streams import Streams
 
 logger = logging.getLogger(__name__)
 

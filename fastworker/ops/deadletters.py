@@ -23,8 +23,8 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from fastworker.edge.admin import Admin, Fields
+from fastworker.edge.streams import DEAD_FIELD_PREFIX, Streams
 from fastworker.ops.inspect import text
-from fastworker.streams import DEAD_FIELD_PREFIX, Streams
 
 logger = logging.getLogger(__name__)
 

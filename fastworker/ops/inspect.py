@@ -19,8 +19,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from fastworker.edge.admin import Admin, ConsumerRow, GroupRow, PendingEntry
+from fastworker.edge.streams import Streams
 from fastworker.errors import ExitCode, FastworkerError
-from fastworker.streams import Streams
 
 logger = logging.getLogger(__name__)
 

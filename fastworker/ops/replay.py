@@ -15,9 +15,9 @@ import logging
 from typing import Any
 
 from fastworker.edge.admin import Admin
+from fastworker.edge.streams import Streams
 from fastworker.errors import FastworkerError, RedisCommandError
 from fastworker.ops.inspect import format_id, parse_id
-from fastworker.streams import Streams
 
 logger = logging.getLogger(__name__)
 

@@ -31,9 +31,9 @@ from typing import Any
 
 from fastworker.config import Settings
 from fastworker.edge.admin import Admin
+from fastworker.edge.streams import Streams
 from fastworker.errors import FastworkerError
 from fastworker.ops.inspect import format_id, groups_info, min_id, next_id, parse_id, server_time_ms
-from fastworker.streams import Streams
 
 logger = logging.getLogger(__name__)
 

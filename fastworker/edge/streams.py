@@ -1,4 +1,4 @@
-"""The only module that talks to Redis: connections, groups, reads, claims and the settle step.
+"""The loops' connections (the hot path of the I/O edge): groups, reads, read-aheads, claims and the settle step.
 
 Invariants kept here:
 - A batch costs one round trip: the settle commands of the previous batch (XACK, result XADDs, dead letters) travel
@@ -7,13 +7,13 @@ Invariants kept here:
 - A settlement's steps are written as `fastworker.settlement` builds them (each all-or-nothing) and confirmed from
   the replies. A step the server refused (an error reply) raises SettleRefused and stays in the settlement to be
   sent again; after an I/O error the fate of what was sent is unknown, so it is never sent again.
-- redis-py's errors are translated into fastworker's here and nowhere else. After any I/O error a channel drops
-  its connection; the caller decides when to reconnect.
+- redis-py's errors are translated into fastworker's here (through `fastworker.edge.errors`). After any I/O error
+  a channel drops its connection; the caller decides when to reconnect.
 - Replies stay in the raw shape hiredis produces: redis-py's per-entry conversion is skipped on the hot path.
 
-Cluster support belongs here too: a settlement would be grouped per hash slot (one script call per slot; an
-entry's result stream must share its slot, e.g. `{betterbundle}:data-jobs` and `{betterbundle}:analysis-results`)
-and a read per slot, without the consumer loop changing.
+On a cluster (next): one channel per partition, to the master of its slot (`fastworker.edge.cluster` has the slot
+map); a partition's stream, dead letters, retry set and result streams share its hash tag, so its settle stays one
+script call.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from fastworker.config import Settings, redact_url
-from fastworker.edge.errors import translate, translated
+from fastworker.edge.errors import is_busy_group, translate, translated
 from fastworker.edge.wire import Command, pack
 from fastworker.errors import FastworkerError, RedisUnavailable, SettleRefused
 from fastworker.message import RawEntry, text
@@ -503,7 +503,7 @@ class Streams:
                     await self.redis.xgroup_create(stream, group, id=start_id, mkstream=True)
                     created.append((stream, group))
                 except rex.ResponseError as exc:
-                    if not str(exc).startswith("BUSYGROUP"):
+                    if not is_busy_group(exc):
                         raise
         return created
 
