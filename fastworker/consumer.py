@@ -195,7 +195,7 @@ class Consumer:
                 # `unsent` always goes with a read, even one past the depth just after it shrank: a settlement
                 # only ever travels with a read or on its own, never stays behind.
                 while len(self._ahead) < self.read_ahead_depth or unsent is not None:
-                    self._ahead.append(await self.channel.read_ahead(
+                    self._ahead.append(await self.channel.settle_and_read_ahead(
                         self.group, self.name, settings.batch_size, list(self.handlers), unsent, self._settled))
                     unsent = None
             except FastworkerError as exc:  # the connection went while writing: what it carried has an unknown fate
@@ -287,8 +287,8 @@ class Consumer:
         block = None if history else self.settings.block_ms
         self._reading = True
         try:
-            reply = await self.channel.read(self.group, self.name, ids, self.settings.batch_size, block, settlement,
-                                            self._settled)
+            reply = await self.channel.settle_and_read(self.group, self.name, ids, self.settings.batch_size, block,
+                                                       settlement, self._settled)
         finally:
             self._reading = False
         if history is None:
@@ -312,7 +312,8 @@ class Consumer:
     async def _recover(self, settlement: Settlement | None) -> dict[str, list[Message]]:
         """The next of this consumer's own pending entries, alone (its predecessor may have died of it)."""
         stream = self._recovering[0]
-        reply = await self.channel.read(self.group, self.name, {stream: self._recover_from}, 1, None, settlement)
+        reply = await self.channel.settle_and_read(self.group, self.name, {stream: self._recover_from}, 1, None,
+                                                   settlement)
         entries = reply.get(stream)
         if not entries:
             self._recovering.pop(0)

@@ -121,7 +121,7 @@ class Channel:
             await self.reset()
             raise translate(exc, self._url) from exc
 
-    async def read(self, group: str, consumer: str, ids: dict[str, str], count: int, block_ms: int | None,
+    async def settle_and_read(self, group: str, consumer: str, ids: dict[str, str], count: int, block_ms: int | None,
                    settlement: Settlement | None = None,
                    on_settled: Callable[[Settlement], None] | None = None) -> dict[str, list[RawEntry]]:
         """Settle the previous batch (if any) and XREADGROUP the next one, in one round trip.
@@ -136,12 +136,13 @@ class Channel:
         replies = await self._exchange(commands, _confirming(settlement, refused, on_settled))
         return await self._entries(replies[-1], settlement, refused, on_settled)
 
-    async def read_ahead(self, group: str, consumer: str, count: int, streams: Sequence[str],
+    async def settle_and_read_ahead(self, group: str, consumer: str, count: int, streams: Sequence[str],
                          settlement: Settlement | None = None,
                          on_settled: Callable[[Settlement], None] | None = None) -> Ahead:
         """Write `settlement` (if any) and a non-blocking XREADGROUP of new entries now, and return at once: the
         replies are read by a task of their own as soon as they arrive, while the caller handles the batch in hand.
-        `Ahead.entries()` gives the batch, as `read` would. Exchanges written later wait for these replies."""
+        `Ahead.entries()` gives the batch, as `settle_and_read` would. Exchanges written later wait for these
+        replies."""
         refused: list[Exception] = []
         commands = [*(settlement.commands() if settlement else []),
                     _read_command(group, consumer, dict.fromkeys(streams, ">"), count, None)]
@@ -335,7 +336,7 @@ class Channel:
 
 
 class Ahead:
-    """A settlement and a read written before the batch in hand was handled (`Channel.read_ahead`)."""
+    """A settlement and a read written before the batch in hand was handled (`Channel.settle_and_read_ahead`)."""
 
     __slots__ = ("_channel", "_on_settled", "_refused", "sent_at", "settlement", "task")
 
@@ -357,7 +358,7 @@ class Ahead:
                 for stream, entries in _stream_entries(self.task.result()[-1]).items()}
 
     async def entries(self) -> dict[str, list[RawEntry]]:
-        """The batch the read brought, as `Channel.read` gives it, and raising as it would; RedisUnavailable if the
+        """The batch the read brought, as `Channel.settle_and_read` gives it, and raising as it would; RedisUnavailable if the
         connection was dropped before its reply came (by an error elsewhere on the channel)."""
         await asyncio.wait([self.task])  # the caller's own cancellation still propagates; the task's does not
         if self.task.cancelled():
