@@ -358,8 +358,8 @@ class Ahead:
                 for stream, entries in _stream_entries(self.task.result()[-1]).items()}
 
     async def entries(self) -> dict[str, list[RawEntry]]:
-        """The batch the read brought, as `Channel.settle_and_read` gives it, and raising as it would; RedisUnavailable if the
-        connection was dropped before its reply came (by an error elsewhere on the channel)."""
+        """The batch the read brought, as `Channel.settle_and_read` gives it, and raising as it would;
+        RedisUnavailable if the connection was dropped before its reply came (by an error elsewhere on the channel)."""
         await asyncio.wait([self.task])  # the caller's own cancellation still propagates; the task's does not
         if self.task.cancelled():
             raise RedisUnavailable("the connection was dropped before a read-ahead's reply came")
