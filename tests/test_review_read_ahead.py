@@ -466,7 +466,7 @@ async def test_a_read_ahead_write_that_fails_rereads_own_pending_at_once(
                 del conn.send_packed_command
         return await original(self, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(Channel, "read_ahead", failing_third_write)
+    monkeypatch.setattr(Channel, "settle_and_read_ahead", failing_third_write)
     calls: Counter[str] = Counter()
     app = _result_app(stream, group, results, calls)
     settings = make_settings(server, uid, batch_size=10, read_ahead=1, claim_idle_ms=60_000, handler_timeout_s=1.0)
