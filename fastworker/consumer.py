@@ -153,7 +153,7 @@ class Consumer:
         except SettleRefused as exc:
             await self._drop_ahead()
             assert sent is not None
-            await self._settle_refused(sent, exc)
+            await self._settle_refused(sent, exc, unsent)
             return unsent
         except NoGroupError as exc:
             await self._drop_ahead()
@@ -202,9 +202,10 @@ class Consumer:
                 logger.debug("consumer %s group=%s: a read-ahead failed: %s", self.name, self.group, exc)
                 self._settled(unsent)
                 await self._drop_ahead()
+                self._reread_own_pending()  # at once, as after any reconnect (also with no other read ahead)
             return
         if unsent is not None:
-            await self._settle_now(unsent)
+            await self._settle_now(unsent, holding=batch)
 
     async def _drop_ahead(self) -> None:
         """After an error: forget the read-aheads still in flight and drop the connection their replies would come
@@ -220,18 +221,25 @@ class Consumer:
         self._reread_own_pending()
 
     def _held(self, batch: Mapping[str, list[Message]]) -> dict[str, list[str | bytes]]:
-        """The entries this consumer holds while it handles `batch`: the batch's, and those read ahead."""
+        """The entries this consumer holds while it handles `batch`: the batch's, those read ahead, and those of the
+        settlements the reads ahead carry until they are written."""
         ids = ids_by_stream(batch)
         for ahead in self._ahead:
-            for stream, more in ahead.delivered().items():
-                ids.setdefault(stream, []).extend(more)
+            # what it read, and what it carries until the server confirmed it (a NOSCRIPT reply, say, leaves the
+            # settlement to be sent again only at this read's turn)
+            carried = ahead.settlement.unwritten() if ahead.settlement is not None else {}
+            for part in (ahead.delivered(), carried):
+                for stream, more in part.items():
+                    ids.setdefault(stream, []).extend(more)
         return ids
 
-    async def _settle_now(self, settlement: Settlement) -> None:
+    async def _settle_now(self, settlement: Settlement, holding: Mapping[str, list[Message]] | None = None) -> None:
+        """Write `settlement` on its own. `holding`: a batch read but not handled yet, kept claimed with the
+        settlement's entries should the server refuse it (the refusal lasts until an operator fixes it)."""
         try:
             await self.channel.settle(settlement)
         except SettleRefused as exc:
-            await self._settle_refused(settlement, exc)
+            await self._settle_refused(settlement, exc, holding=holding)
             return
         except NoGroupError as exc:
             self._settled(settlement)
@@ -259,10 +267,24 @@ class Consumer:
         else:
             self._history = dict.fromkeys(self.handlers, "0")
 
-    async def _settle_refused(self, settlement: Settlement | None, error: SettleRefused) -> None:
+    async def _settle_refused(self, settlement: Settlement | None, error: SettleRefused,
+                              unsent: Settlement | None = None,
+                              holding: Mapping[str, list[Message]] | None = None) -> None:
+        """Send a refused settlement again until it is written, keeping claimed meanwhile its entries, those of
+        `unsent` (a batch handled while the refused one was in flight with a read-ahead, not written yet) and those
+        of `holding` (a batch read and not handled yet)."""
         assert settlement is not None
+
+        def held() -> dict[str, list[str | bytes]]:
+            ids = settlement.unwritten()
+            more = [unsent.unwritten() if unsent is not None else {}, ids_by_stream(holding or {})]
+            for part in more:
+                for stream, entry_ids in part.items():
+                    ids.setdefault(stream, []).extend(entry_ids)
+            return ids
+
         try:
-            with KeepClaimed(self.streams, self.group, self.name, settlement.unwritten, self.settings.claim_idle_ms):
+            with KeepClaimed(self.streams, self.group, self.name, held, self.settings.claim_idle_ms):
                 await resend_refused(self.channel, settlement, error, self._refused, self._outage, self.stopping)
         finally:
             self._settled(settlement)
