@@ -50,9 +50,9 @@ class Settings:
     redis_url: str = _field("redis://localhost:6379/0", help="server URL: redis://, rediss:// (TLS) or unix://")
     batch_size: int = _field(500, help="entries per XREADGROUP (COUNT) and per settle pipeline")
     block_ms: int = _field(2000, help="how long one XREADGROUP waits for new entries (BLOCK)")
-    read_ahead: int = _field(4, help="the most batches each consumer reads ahead while it handles one, when the "
-                                    "stream has a backlog: as many as it takes to hide the round trip to the "
-                                    "server (0: read after each batch)")
+    read_ahead: int = _field(4, help="the most batches (0 to 8) each consumer reads ahead while it handles one, "
+                                    "when the stream has a backlog; the depth adapts to hide the round trip to the "
+                                    "server, each batch holds up to --batch-size entries per stream (0: off)")
     claim_idle_ms: int = _field(60_000, help="entries pending this long with no verdict (their worker died or hung) "
                                 "are claimed from any consumer")
     claim_interval_ms: int = _field(5_000, help="how often the reclaimer looks for idle pending entries")
